@@ -1,0 +1,3 @@
+"""
+A simulated Ollama / OpenAI-compatible backend, for demos, tests and benchmarks.
+"""
