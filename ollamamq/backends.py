@@ -1,0 +1,297 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+The backend pool: what the proxy knows of each backend (state, API kind, models, load) and
+which backend a request goes to.
+
+Health probes write into it (L{BackendPool.markOnline}, L{BackendPool.markOffline}), the
+scheduler reads it (L{BackendPool.choose}) and counts slots (L{BackendPool.acquire},
+L{BackendPool.release}); anything that changes what the pool can serve notifies the
+subscribers, so queued requests are dispatched the moment a backend comes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from ollamamq.models import canonicalModel
+
+OLLAMA = "ollama"
+OPENAI = "openai"
+
+UNKNOWN = "unknown"
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+class UnknownBackend(KeyError):
+    """
+    No backend has that name.
+    """
+
+
+class DuplicateBackend(ValueError):
+    """
+    A backend with that name is already in the pool.
+    """
+
+
+@attrs.define(eq=False)
+class Backend:
+    """
+    One backend server and everything the proxy knows about it.
+
+    @ivar state: L{UNKNOWN} until the first probe, then L{ONLINE} or L{OFFLINE}.
+    @ivar kind: L{OLLAMA} (serves C{/api/*} and C{/v1/*}) or L{OPENAI} (only C{/v1/*}).
+    @ivar models: canonical model key -> the name as this backend spells it.
+    @ivar loaded: canonical keys of the models it has in memory.
+    @ivar active: requests the proxy is running on it now.
+    @ivar draining: finishing what it runs, taking nothing new.
+    """
+
+    name: str
+    url: str
+    slots: int = 1
+    state: str = UNKNOWN
+    kind: str | None = None
+    models: dict[str, str] = attrs.field(factory=dict)
+    loaded: frozenset[str] = frozenset()
+    version: str | None = None
+    latency: float | None = None
+    error: str | None = None
+    active: int = 0
+    draining: bool = False
+
+    @property
+    def online(self) -> bool:
+        """
+        Whether the last probe (or request) found it working.
+        """
+        return self.state == ONLINE
+
+    @property
+    def available(self) -> bool:
+        """
+        Whether it may be given new requests.
+        """
+        return self.state == ONLINE and not self.draining
+
+    @property
+    def free(self) -> int:
+        """
+        Slots not in use (never negative, even after C{slots} was lowered).
+        """
+        return max(0, self.slots - self.active)
+
+    def serves(self, kinds: frozenset[str], model: str | None) -> bool:
+        """
+        Whether it speaks one of C{kinds} and lists C{model} (a canonical key; L{None} means
+        any model), regardless of whether it is online now.
+        """
+        return self.kind in kinds and (model is None or model in self.models)
+
+    def modelName(self, model: str) -> str:
+        """
+        The name this backend uses for the canonical key C{model}.
+        """
+        return self.models.get(model, model)
+
+    def describe(self) -> dict:
+        """
+        The backend's entry in C{/proxy/status}.
+        """
+        return {
+            "name": self.name,
+            "url": self.url,
+            "online": self.online,
+            "state": self.state,
+            "kind": self.kind,
+            "slots": self.slots,
+            "active": self.active,
+            "draining": self.draining,
+            "models": sorted(self.models.values()),
+            "loaded": sorted(self.models.get(k, k) for k in self.loaded),
+            "version": self.version,
+            "latency": self.latency,
+            "error": self.error,
+        }
+
+
+class BackendPool:
+    """
+    The set of backends, their slot accounting, and least-connections choice.
+    """
+
+    def __init__(self, backends: Iterable[Backend] = ()) -> None:
+        self._backends: dict[str, Backend] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._turn = 0
+        for backend in backends:
+            self.add(backend)
+
+    @property
+    def backends(self) -> list[Backend]:
+        """
+        All backends, in the order they were added.
+        """
+        return list(self._backends.values())
+
+    def get(self, name: str) -> Backend:
+        """
+        @raise UnknownBackend: when no backend has that name.
+        """
+        try:
+            return self._backends[name]
+        except KeyError:
+            raise UnknownBackend(name) from None
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """
+        Call C{listener} (no arguments) whenever what the pool can serve may have grown or
+        shrunk: a backend added, removed, drained, up, down, or with other models.
+        """
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        """
+        Tell the subscribers that the pool changed.
+        """
+        for listener in list(self._listeners):
+            listener()
+
+    def add(self, backend: Backend) -> Backend:
+        """
+        Add a backend; it takes traffic once a probe finds it online.
+
+        @raise DuplicateBackend: when the name is taken.
+        """
+        if backend.name in self._backends:
+            raise DuplicateBackend(backend.name)
+        self._backends[backend.name] = backend
+        self.changed()
+        return backend
+
+    def remove(self, name: str) -> Backend:
+        """
+        Take a backend out of the pool. Requests running on it finish normally; it gets
+        nothing new.
+
+        @raise UnknownBackend: when no backend has that name.
+        """
+        backend = self.get(name)
+        del self._backends[name]
+        backend.draining = True
+        self.changed()
+        return backend
+
+    def drain(self, name: str, draining: bool = True) -> Backend:
+        """
+        Stop (or, with C{draining=False}, resume) giving a backend new requests.
+
+        @raise UnknownBackend: when no backend has that name.
+        """
+        backend = self.get(name)
+        backend.draining = draining
+        self.changed()
+        return backend
+
+    def markOnline(
+        self,
+        backend: Backend,
+        kind: str,
+        models: Iterable[str],
+        loaded: Iterable[str] = (),
+        version: str | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """
+        Record a successful probe.
+
+        @param models: model names as the backend reported them.
+        @param loaded: names of the models it has in memory.
+        """
+        backend.state = ONLINE
+        backend.kind = kind
+        backend.models = {canonicalModel(m): m for m in models}
+        backend.loaded = frozenset(canonicalModel(m) for m in loaded)
+        backend.version = version
+        backend.latency = latency
+        backend.error = None
+        self.changed()
+
+    def markOffline(self, backend: Backend, reason: str) -> None:
+        """
+        Record a failed probe or a failed request: no traffic until a probe succeeds.
+        Its model list is kept so requests for its models get 503 (come back), not 404.
+        """
+        wasOnline = backend.state != OFFLINE
+        backend.state = OFFLINE
+        backend.error = reason
+        if wasOnline:
+            self.changed()
+
+    def choose(
+        self,
+        kinds: frozenset[str],
+        model: str | None,
+        exclude: Iterable[Backend] = (),
+    ) -> Backend | None:
+        """
+        The backend with a free slot that should run a request for C{model}: one with the
+        model already loaded first, then the least loaded (active per slot), ties taken in
+        turn. L{None} when no available backend that serves it has a free slot.
+        """
+        excluded = set(exclude) if exclude else ()
+        best: list[Backend] = []
+        bestKey: tuple[bool, float] | None = None
+        for backend in self._backends.values():
+            if (
+                not backend.available
+                or backend.free <= 0
+                or not backend.serves(kinds, model)
+                or backend in excluded
+            ):
+                continue
+            key = (model not in backend.loaded, backend.active / backend.slots)
+            if bestKey is None or key < bestKey:
+                best, bestKey = [backend], key
+            elif key == bestKey:
+                best.append(backend)
+        if not best:
+            return None
+        self._turn += 1
+        return best[self._turn % len(best)]
+
+    def canServe(self, kinds: frozenset[str], model: str | None) -> bool:
+        """
+        Whether any available backend (busy or not) serves C{model} in one of C{kinds}.
+        """
+        return any(b.available and b.serves(kinds, model) for b in self._backends.values())
+
+    def knows(self, model: str) -> bool:
+        """
+        Whether any backend, in any state, has listed C{model} (a canonical key).
+        """
+        return any(model in b.models for b in self._backends.values())
+
+    @property
+    def settled(self) -> bool:
+        """
+        Whether every backend has been probed at least once.
+        """
+        return all(b.state != UNKNOWN for b in self._backends.values())
+
+    def acquire(self, backend: Backend) -> None:
+        """
+        Count one more request running on C{backend}.
+        """
+        backend.active += 1
+
+    def release(self, backend: Backend) -> None:
+        """
+        Count one request on C{backend} as finished.
+        """
+        if backend.active <= 0:
+            raise AssertionError(f"release without acquire on backend {backend.name}")
+        backend.active -= 1

@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_errors -*-
+"""
+Errors the proxy answers itself, shaped for the API family of the route they happen on.
+
+Every component raises a L{ProxyError} subclass; only the HTTP layer turns it into bytes,
+with L{errorBody} before the response started, or L{streamErrorLine} once a stream is
+under way (a stream never ends silently truncated).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+OLLAMA = "ollama"
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+
+
+class ProxyError(Exception):
+    """
+    An error answered to the client.
+
+    @cvar status: the HTTP status code.
+    @cvar openaiType: the C{error.type} of the OpenAI shape.
+    @cvar anthropicType: the C{error.type} of the Anthropic shape.
+    @ivar message: what went wrong, for a person.
+    @ivar code: a machine-readable reason (OpenAI C{error.code}), or L{None}.
+    @ivar retryAfter: seconds for a C{Retry-After} header, or L{None}.
+    """
+
+    status = 500
+    openaiType = "server_error"
+    anthropicType = "api_error"
+
+    def __init__(
+        self, message: str, code: str | None = None, retryAfter: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.retryAfter = retryAfter
+
+
+class BadRequest(ProxyError):
+    """
+    Malformed JSON, a missing model, or another unusable request.
+    """
+
+    status = 400
+    openaiType = anthropicType = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    """
+    A missing or unknown key where one is needed.
+    """
+
+    status = 401
+    openaiType = anthropicType = "authentication_error"
+
+
+class Forbidden(ProxyError):
+    """
+    A blocked user or address, or an admin route without the admin key.
+    """
+
+    status = 403
+    openaiType = anthropicType = "permission_error"
+
+
+class NotFound(ProxyError):
+    """
+    An unknown model or route.
+    """
+
+    status = 404
+    openaiType = "invalid_request_error"
+    anthropicType = "not_found_error"
+
+
+class BodyTooLarge(ProxyError):
+    """
+    A request body over C{max_body_bytes}.
+    """
+
+    status = 413
+    openaiType = "invalid_request_error"
+    anthropicType = "request_too_large"
+
+
+class TooManyRequests(ProxyError):
+    """
+    The user's queue is full.
+    """
+
+    status = 429
+    openaiType = anthropicType = "rate_limit_error"
+
+
+class BadGateway(ProxyError):
+    """
+    The backend failed before the first byte and no other backend could take the request.
+    """
+
+    status = 502
+    openaiType = "server_error"
+    anthropicType = "api_error"
+
+
+class Unavailable(ProxyError):
+    """
+    No backend online for the model, the global queue is full, a queue-wait limit passed,
+    or the proxy is shutting down.
+    """
+
+    status = 503
+    openaiType = "server_error"
+    anthropicType = "overloaded_error"
+
+
+class GatewayTimeout(ProxyError):
+    """
+    The backend sent nothing for the idle timeout before the first byte.
+    """
+
+    status = 504
+    openaiType = "server_error"
+    anthropicType = "api_error"
+
+
+def errorPayload(error: ProxyError, family: str) -> dict:
+    """
+    The JSON object describing C{error} in the shape of C{family}.
+    """
+    if family == OPENAI:
+        return {
+            "error": {
+                "message": error.message,
+                "type": error.openaiType,
+                "code": error.code,
+            }
+        }
+    if family == ANTHROPIC:
+        return {
+            "type": "error",
+            "error": {"type": error.anthropicType, "message": error.message},
+        }
+    return {"error": error.message}
+
+
+def errorBody(error: ProxyError, family: str) -> bytes:
+    """
+    A whole error response body.
+    """
+    return json.dumps(errorPayload(error, family)).encode("utf-8")
+
+
+def retryAfterHeader(error: ProxyError) -> bytes | None:
+    """
+    The C{Retry-After} value (whole seconds, at least 1), or L{None} when it has none.
+    """
+    if error.retryAfter is None:
+        return None
+    return str(max(1, math.ceil(error.retryAfter))).encode("ascii")
+
+
+def streamErrorLine(error: ProxyError, family: str, sse: bool) -> bytes:
+    """
+    The last piece of a stream that failed midway, in the stream's own framing: an NDJSON
+    line, or an SSE event (Anthropic streams name it C{event: error}).
+    """
+    payload = json.dumps(errorPayload(error, family)).encode("utf-8")
+    if not sse:
+        return payload + b"\n"
+    if family == ANTHROPIC:
+        return b"event: error\ndata: " + payload + b"\n\n"
+    return b"data: " + payload + b"\n\n"
