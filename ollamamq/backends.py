@@ -263,6 +263,15 @@ class BackendPool:
         self._turn += 1
         return best[self._turn % len(best)]
 
+    def holders(self, kinds: frozenset[str], model: str | None) -> list[Backend]:
+        """
+        Available backends that serve C{model} in one of C{kinds}, busy or not, those with
+        the model loaded first: for requests that are answered at once rather than queued
+        (C{/api/show}).
+        """
+        found = [b for b in self._backends.values() if b.available and b.serves(kinds, model)]
+        return sorted(found, key=lambda b: (model not in b.loaded, b.active / b.slots))
+
     def canServe(self, kinds: frozenset[str], model: str | None) -> bool:
         """
         Whether any available backend (busy or not) serves C{model} in one of C{kinds}.

@@ -1,0 +1,304 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The streaming relay: one request sent to one backend, its answer copied to the client as
+the bytes arrive.
+
+Three properties matter and each has its mechanism here:
+ - streaming: body bytes are written to the client as they are received, never re-framed;
+ - backpressure: the backend connection is registered as the client request's producer,
+   so a client that reads slowly pauses reading from the backend;
+ - cancellation: a client that goes away cancels the relay, which drops the backend
+   connection (Ollama stops generating when its client disconnects).
+
+The idle timeout (C{--timeout}) is the longest silence allowed between two backend bytes
+(or before the response headers), never a total deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest, IResponse
+
+from ollamamq.backends import Backend
+from ollamamq.errors import BadGateway, GatewayTimeout, ProxyError, streamErrorLine
+
+log = Logger()
+
+# RFC 9110 section 7.6.1, plus Proxy-Connection which old clients still send. Host and
+# Content-Length are recomputed for the new hop.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_RECOMPUTED = frozenset({b"host", b"content-length"})
+
+
+class BackendUnreachable(Exception):
+    """
+    The backend could not be reached or dropped the connection before answering: the
+    request may be retried on another backend.
+    """
+
+
+def _connectionListed(headers: Headers) -> set[bytes]:
+    """
+    Header names a C{Connection} header declares hop-by-hop.
+    """
+    names = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        names.update(n.strip().lower() for n in value.split(b",") if n.strip())
+    return names
+
+
+def forwardedHeaders(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """
+    A copy of C{headers} fit for the next hop: hop-by-hop headers, those named in
+    C{Connection}, and the lower-case names in C{drop} left out.
+    """
+    skip = HOP_BY_HOP | _connectionListed(headers) | drop
+    result = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in skip:
+            result.setRawHeaders(name, values)
+    return result
+
+
+def requestHeadersForBackend(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """
+    The client's request headers as sent on to a backend: without hop-by-hop headers,
+    without C{Host} and C{Content-Length} (the agent sets them for the new hop) and without
+    the names in C{drop} (the proxy's own credentials).
+    """
+    return forwardedHeaders(headers, drop | _RECOMPUTED)
+
+
+def _isCancel(failure: Failure) -> bool:
+    return bool(failure.check(CancelledError)) or (
+        bool(failure.check(ResponseNeverReceived))
+        and any(r.check(CancelledError) for r in failure.value.reasons)
+    )
+
+
+def _describe(failure: Failure) -> str:
+    if failure.check(ResponseNeverReceived):
+        reasons = failure.value.reasons
+        return reasons[0].getErrorMessage() if reasons else "no response"
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+class Relay:
+    """
+    Sends requests to backends and streams their answers back.
+
+    @ivar http: a treq C{HTTPClient} (or C{StubTreq}) with a persistent connection pool.
+    @ivar clock: for the idle timeout.
+    @ivar idleTimeout: seconds of backend silence that end a request.
+    """
+
+    def __init__(self, http: Any, clock: IReactorTime, idleTimeout: float) -> None:
+        self.http = http
+        self.clock = clock
+        self.idleTimeout = idleTimeout
+
+    async def open(
+        self,
+        backend: Backend,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: bytes | None,
+    ) -> IResponse:
+        """
+        Send a request to C{backend} and wait for its response headers.
+
+        @param path: the path and query, starting with C{/}.
+        @raise BackendUnreachable: the connection failed before a response started.
+        @raise GatewayTimeout: no response headers within the idle timeout.
+        @raise CancelledError: the caller cancelled (the client went away).
+        """
+        url = backend.url.encode("utf-8") + path
+        d = self.http.request(
+            method.decode("ascii"),
+            url.decode("utf-8"),
+            headers=headers,
+            data=body,
+            unbuffered=True,
+        )
+        timedOut = []
+
+        def onTimeout(result: Any, timeout: float) -> Any:
+            timedOut.append(True)
+            return result
+
+        d.addTimeout(self.idleTimeout, self.clock, onTimeoutCancel=onTimeout)
+        try:
+            return await d
+        except Exception:
+            failure = Failure()
+            if timedOut:
+                raise GatewayTimeout(
+                    f"backend {backend.name} sent nothing for {self.idleTimeout:g}s",
+                    code="backend_timeout",
+                ) from None
+            if _isCancel(failure):
+                raise CancelledError() from None
+            raise BackendUnreachable(f"backend {backend.name}: {_describe(failure)}") from None
+
+    def stream(
+        self,
+        request: IRequest,
+        response: IResponse,
+        family: str,
+        observer: Any = None,
+    ) -> Deferred[int]:
+        """
+        Copy C{response} (status, headers, body) to C{request} as it arrives.
+
+        A backend failure or idle timeout after the headers ends an NDJSON or SSE stream with
+        an error line in its own framing (and any other body by dropping the connection, so
+        it is never taken for complete).
+
+        @param family: the route's API family, for the shape of a final error line.
+        @param observer: optional, called with each body chunk (usage accounting).
+        @return: fires with the number of body bytes relayed once the body is complete;
+            cancel it to drop the backend connection.
+        """
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in forwardedHeaders(response.headers).getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, values)
+        contentType = b";".join(response.headers.getRawHeaders(b"content-type", [])).lower()
+        relay = _BodyRelay(
+            request,
+            self.clock,
+            self.idleTimeout,
+            family,
+            sse=b"text/event-stream" in contentType,
+            ndjson=b"ndjson" in contentType,
+            observer=observer,
+        )
+        # Send the headers now: a client learns the request started even while the model
+        # loads, and the status is final from here on.
+        request.write(b"")
+        response.deliverBody(relay)
+        return relay.done
+
+    def discard(self, response: IResponse) -> None:
+        """
+        Throw away a response we will not relay (a 5xx before failing over), closing its
+        connection rather than reading a body nobody wants.
+        """
+        response.deliverBody(_Discard())
+
+
+class _Discard(Protocol):
+    """
+    Drops a response body by dropping its connection.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
+        pass
+
+
+class _BodyRelay(Protocol):
+    """
+    Receives a backend response body and writes it to the client request.
+    """
+
+    def __init__(
+        self,
+        request: IRequest,
+        clock: IReactorTime,
+        idleTimeout: float,
+        family: str,
+        sse: bool,
+        ndjson: bool,
+        observer: Any,
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._idleTimeout = idleTimeout
+        self._family = family
+        self._sse = sse
+        self._ndjson = ndjson
+        self._observer = observer
+        self._cancelled = False
+        self._timedOut = False
+        self._idle: IDelayedCall | None = None
+        self.relayed = 0
+        self.done: Deferred[int] = Deferred(self._cancel)
+
+    def _cancel(self, done: Deferred[int]) -> None:
+        # The client went away: drop the backend connection so the backend stops work.
+        self._cancelled = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self.transport, True)
+        self._idle = self._clock.callLater(self._idleTimeout, self._timeout)
+
+    def _timeout(self) -> None:
+        self._timedOut = True
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idleTimeout)
+        self.relayed += len(data)
+        self._request.write(data)
+        if self._observer is not None:
+            self._observer(data)
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        connected = getattr(self._request, "channel", None) is not None
+        if connected:
+            # Without a channel (client gone) unregisterProducer raises AttributeError.
+            self._request.unregisterProducer()
+        if self._cancelled:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.relayed)
+            return
+        error: ProxyError
+        if self._timedOut:
+            error = GatewayTimeout(
+                f"backend sent nothing for {self._idleTimeout:g}s; stream ended",
+                code="backend_timeout",
+            )
+        else:
+            error = BadGateway(
+                f"backend failed mid-stream: {_describe(reason)}", code="backend_failed"
+            )
+        log.warn("Relay ended early: {message}", message=error.message)
+        if connected:
+            if self._sse or self._ndjson:
+                self._request.write(streamErrorLine(error, self._family, self._sse))
+            else:
+                # A plain body cut short must not look complete: drop the connection.
+                self._request.channel.loseConnection()
+        self.done.callback(self.relayed)
+

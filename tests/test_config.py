@@ -1,0 +1,238 @@
+"""
+Tests for L{ollamamq.config}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from ollamamq.config import (
+    BackendConfig,
+    ConfigError,
+    buildConfig,
+    loadConfigFile,
+    parseTOML,
+)
+
+FULL = """
+[server]
+timeout = 120
+health_interval = 5
+max_queued_per_user = 20
+max_queued_total = 500
+max_body_bytes = 1000
+trust_user_header = false
+trusted_proxies = ["10.0.0.0/8", "127.0.0.1"]
+admin_key = "secret"
+queue_timeout = 60
+
+[[backends]]
+url = "http://gpu1:11434/"
+name = "gpu1"
+slots = 2
+
+[[backends]]
+url = "http://gpu2:11434"
+
+[users.alice]
+priority = "vip"
+keys = ["sk-alice"]
+max_queued = 3
+
+[users.bob]
+priority = "boost"
+weight = 2
+
+[models."llama3:8b"]
+aliases = ["gpt-4o-mini"]
+keep_alive = "30m"
+num_ctx = 8192
+enforce = ["num_ctx"]
+"""
+
+
+class ParseTOMLTests(SynchronousTestCase):
+    """
+    L{parseTOML} turns every documented key into a L{Config} field.
+    """
+
+    def test_fullFile(self) -> None:
+        """
+        Every section of the documented example is read and converted.
+        """
+        config = buildConfig(parseTOML(FULL), {}, {})
+        self.assertEqual(config.timeout, 120.0)
+        self.assertEqual(config.healthInterval, 5.0)
+        self.assertEqual(config.maxQueuedPerUser, 20)
+        self.assertEqual(config.maxQueuedTotal, 500)
+        self.assertEqual(config.maxBodyBytes, 1000)
+        self.assertFalse(config.trustUserHeader)
+        self.assertEqual(
+            config.trustedProxies,
+            (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")),
+        )
+        self.assertEqual(config.adminKey, "secret")
+        self.assertEqual(config.queueTimeout, 60.0)
+        self.assertEqual(
+            config.backends,
+            (
+                BackendConfig(url="http://gpu1:11434", name="gpu1", slots=2),
+                BackendConfig(url="http://gpu2:11434", name="gpu2:11434", slots=1),
+            ),
+        )
+        self.assertEqual(config.users["alice"].priority, "vip")
+        self.assertEqual(config.users["alice"].keys, ("sk-alice",))
+        self.assertEqual(config.users["alice"].maxQueued, 3)
+        self.assertEqual(config.users["bob"].weight, 2.0)
+        rule = config.models["llama3:8b"]
+        self.assertEqual(rule.aliases, ("gpt-4o-mini",))
+        self.assertEqual(rule.keepAlive, "30m")
+        self.assertEqual(rule.numCtx, 8192)
+        self.assertEqual(rule.enforce, frozenset({"num_ctx"}))
+
+    def assertConfigError(self, text: str, *fragments: str) -> None:
+        """
+        Parsing C{text} fails with a L{ConfigError} whose message has every fragment.
+        """
+        with self.assertRaises(ConfigError) as caught:
+            buildConfig(parseTOML(text), {}, {})
+        for fragment in fragments:
+            self.assertIn(fragment, str(caught.exception))
+
+    def test_unknownServerKey(self) -> None:
+        """
+        A misspelt key is named in the error, with the known keys.
+        """
+        self.assertConfigError("[server]\ntimout = 3\n", "server.timout", "unknown key", "timeout")
+
+    def test_unknownSection(self) -> None:
+        """
+        An unknown top-level section is named.
+        """
+        self.assertConfigError("[servers]\n", "servers", "unknown section")
+
+    def test_wrongTypes(self) -> None:
+        """
+        Wrong types are named with the key and the bad value.
+        """
+        self.assertConfigError('[server]\ntimeout = "fast"\n', "server.timeout", "positive number")
+        self.assertConfigError("[server]\nmax_queued_total = 0\n", "server.max_queued_total")
+        self.assertConfigError("[server]\ntrust_user_header = 1\n", "server.trust_user_header")
+        self.assertConfigError('[server]\ntrusted_proxies = ["nope"]\n', "trusted_proxies[0]")
+        self.assertConfigError('[users.a]\npriority = "gold"\n', "users.a.priority", "vip")
+        self.assertConfigError('[users.a]\nweight = -1\n', "users.a.weight")
+        self.assertConfigError('[[backends]]\nurl = "ftp://x"\n', "backends[0].url")
+        self.assertConfigError('[[backends]]\nname = "x"\n', "backends[0].url", "missing")
+        self.assertConfigError('[[backends]]\nurl = "http://x"\nslots = 0\n', "backends[0].slots")
+
+    def test_badTOML(self) -> None:
+        """
+        A syntax error names the source and says it is not TOML.
+        """
+        with self.assertRaises(ConfigError) as caught:
+            parseTOML("[server\n", "my.toml")
+        self.assertIn("my.toml: not valid TOML", str(caught.exception))
+
+    def test_duplicateKeysAndAliases(self) -> None:
+        """
+        One bearer key for two users, or one alias for two models, is refused.
+        """
+        self.assertConfigError(
+            '[users.a]\nkeys = ["k"]\n[users.b]\nkeys = ["k"]\n', "users.b.keys", "'a'"
+        )
+        self.assertConfigError(
+            '[models.a]\naliases = ["x"]\n[models.b]\naliases = ["X"]\n', "already an alias"
+        )
+
+    def test_enforceNeedsValue(self) -> None:
+        """
+        Enforcing an option that has no configured value is an error.
+        """
+        self.assertConfigError('[models.a]\nenforce = ["num_ctx"]\n', "num_ctx is enforced")
+        self.assertConfigError('[models.a]\nenforce = ["temperature"]\n', "can enforce only")
+
+    def test_duplicateBackendNames(self) -> None:
+        """
+        Two backends with one name would be indistinguishable in status and metrics.
+        """
+        self.assertConfigError(
+            '[[backends]]\nurl = "http://a:1"\nname = "x"\n[[backends]]\nurl = "http://b:1"\nname = "x"\n',
+            "duplicate name",
+        )
+
+
+class PrecedenceTests(SynchronousTestCase):
+    """
+    Command line over environment over file over defaults.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        With nothing given, the proxy listens on 127.0.0.1:11435 and uses a local Ollama.
+        """
+        config = buildConfig({}, {}, {})
+        self.assertEqual(config.listen, ("tcp:11435:interface=127.0.0.1",))
+        self.assertEqual([b.url for b in config.backends], ["http://localhost:11434"])
+        self.assertEqual(config.timeout, 300.0)
+
+    def test_environmentOverFile(self) -> None:
+        """
+        C{OLLAMA_URLS} replaces the file's backends.
+        """
+        config = buildConfig(
+            parseTOML('[[backends]]\nurl = "http://file:1"\n'),
+            {},
+            {"OLLAMA_URLS": "http://a:1, http://b:2"},
+        )
+        self.assertEqual([b.url for b in config.backends], ["http://a:1", "http://b:2"])
+
+    def test_commandLineOverAll(self) -> None:
+        """
+        Fields given on the command line win.
+        """
+        config = buildConfig(
+            parseTOML("[server]\ntimeout = 5\n"),
+            {"timeout": 7.0},
+            {},
+        )
+        self.assertEqual(config.timeout, 7.0)
+
+    def test_badEnvironmentURL(self) -> None:
+        """
+        A bad URL in C{OLLAMA_URLS} is named as coming from there.
+        """
+        with self.assertRaises(ConfigError) as caught:
+            buildConfig({}, {}, {"OLLAMA_URLS": "gpu1:11434"})
+        self.assertIn("OLLAMA_URLS", str(caught.exception))
+
+    def test_demoNeedsNoBackend(self) -> None:
+        """
+        With C{--demo} and no backend given, no default backend is added.
+        """
+        self.assertEqual(buildConfig({}, {"demo": True}, {}).backends, ())
+
+
+class LoadConfigFileTests(SynchronousTestCase):
+    """
+    L{loadConfigFile} reads files and reports unreadable ones.
+    """
+
+    def test_missingFile(self) -> None:
+        """
+        A missing file is a L{ConfigError} naming the path.
+        """
+        path = self.mktemp()
+        with self.assertRaises(ConfigError) as caught:
+            loadConfigFile(path)
+        self.assertIn(path, str(caught.exception))
+
+    def test_readsFile(self) -> None:
+        """
+        An existing file is parsed.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"[server]\ntimeout = 9\n")
+        self.assertEqual(loadConfigFile(path.path), {"timeout": 9.0})

@@ -1,0 +1,404 @@
+"""
+Tests for L{ollamamq.relay}: streaming, header forwarding, backpressure, cancellation and
+the idle timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from treq.testing import StubTreq
+from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http import HTTPChannel, Request
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from ollamamq.backends import Backend
+from ollamamq.errors import OLLAMA, OPENAI, GatewayTimeout
+from ollamamq.relay import (
+    BackendUnreachable,
+    Relay,
+    forwardedHeaders,
+    requestHeadersForBackend,
+)
+
+
+class HoldingBackend(Resource):
+    """
+    A backend that keeps every request open for the test to answer piece by piece.
+    """
+
+    isLeaf = True
+
+    def __init__(self, contentType: bytes = b"application/x-ndjson") -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+        self.lost: list[Failure] = []
+        self.contentType = contentType
+
+    def render(self, request: Any) -> object:
+        request.setHeader(b"content-type", self.contentType)
+        request.setHeader(b"x-backend-header", b"from-backend")
+        request.setHeader(b"keep-alive", b"timeout=5")
+        self.requests.append(request)
+        request.notifyFinish().addErrback(self.lost.append)
+        return NOT_DONE_YET
+
+
+class Front(Resource):
+    """
+    A minimal front end: relays every request to one backend with L{Relay}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, relay: Relay, backend: Backend) -> None:
+        super().__init__()
+        self.relay = relay
+        self.backend = backend
+        self.outcomes: list[Any] = []
+
+    def render(self, request: Any) -> object:
+        async def run() -> None:
+            response = await self.relay.open(
+                self.backend,
+                request.method,
+                request.uri,
+                requestHeadersForBackend(request.requestHeaders),
+                request.content.read(),
+            )
+            await self.relay.stream(request, response, OLLAMA)
+
+        d = ensureDeferred(run())
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def done(result: object) -> None:
+            self.outcomes.append(result)
+            if not request._disconnected:
+                request.finish()
+
+        d.addBoth(done)
+        return NOT_DONE_YET
+
+
+class RelayTests(SynchronousTestCase):
+    """
+    End to end through StubTreq: client -> front (Relay) -> backend resource.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backendResource = HoldingBackend()
+        self.backendHTTP = StubTreq(self.backendResource)
+        self.relay = Relay(self.backendHTTP, self.clock, idleTimeout=30)
+        self.front = Front(self.relay, Backend(name="b", url="http://backend"))
+        self.client = StubTreq(self.front)
+
+    def flush(self) -> None:
+        """
+        Move bytes both ways through both stubs.
+        """
+        for _ in range(3):
+            self.backendHTTP.flush()
+            self.client.flush()
+
+    def startStream(self) -> tuple[Any, list[bytes]]:
+        """
+        Send a request, answer its headers on the backend, start collecting the body.
+        """
+        d = self.client.post(
+            "http://proxy/api/generate",
+            data=b'{"model": "m"}',
+            headers={"X-User-ID": "alice", "Keep-Alive": "timeout=5",
+                     "Proxy-Authorization": "Basic eDp5"},
+            unbuffered=True,
+        )
+        self.flush()
+        self.assertEqual(len(self.backendResource.requests), 1)
+        backendRequest = self.backendResource.requests[0]
+        backendRequest.write(b"")  # send the headers
+        self.flush()
+        response = self.successResultOf(d)
+        chunks: list[bytes] = []
+        self.hangUp = False
+
+        def collect(data: bytes) -> None:
+            if self.hangUp:
+                # treq drops the connection when the collector raises: a client hanging up.
+                raise ConnectionAbortedError("client hung up")
+            chunks.append(data)
+
+        self.collected = treq.collect(response, collect)
+        return response, chunks
+
+    def test_chunksArriveOneByOne(self) -> None:
+        """
+        Each backend write reaches the client before the backend finishes.
+        """
+        response, chunks = self.startStream()
+        backendRequest = self.backendResource.requests[0]
+        for i in range(3):
+            backendRequest.write(b'{"response": "t%d", "done": false}\n' % i)
+            self.flush()
+            self.assertEqual(b"".join(chunks).count(b"\n"), i + 1)
+        self.assertNoResult(self.collected)
+        backendRequest.write(b'{"done": true}\n')
+        backendRequest.finish()
+        self.flush()
+        self.successResultOf(self.collected)
+        self.assertEqual(b"".join(chunks).count(b"\n"), 4)
+
+    def test_headersForwardedBothWays(self) -> None:
+        """
+        Client headers reach the backend and backend headers reach the client; hop-by-hop
+        headers do not.
+        """
+        response, chunks = self.startStream()
+        backendRequest = self.backendResource.requests[0]
+        self.assertEqual(backendRequest.getHeader(b"x-user-id"), b"alice")
+        self.assertIsNone(backendRequest.getHeader(b"keep-alive"))
+        self.assertIsNone(backendRequest.getHeader(b"proxy-authorization"))
+        self.assertEqual(response.headers.getRawHeaders(b"x-backend-header"), [b"from-backend"])
+        self.assertIsNone(response.headers.getRawHeaders(b"keep-alive"))
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-ndjson"])
+
+    def test_clientDisconnectClosesBackend(self) -> None:
+        """
+        A client that goes away mid-stream makes the relay drop the backend connection.
+        """
+        response, chunks = self.startStream()
+        backendRequest = self.backendResource.requests[0]
+        backendRequest.write(b'{"response": "a"}\n')
+        self.flush()
+        self.hangUp = True
+        backendRequest.write(b'{"response": "b"}\n')
+        self.flush()
+        self.failureResultOf(self.collected, ConnectionAbortedError)
+        self.assertEqual(len(self.backendResource.lost), 1)
+        self.assertEqual(len(self.front.outcomes), 1)
+        self.assertIsInstance(self.front.outcomes[0], Failure)
+        self.front.outcomes[0].trap(CancelledError)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_idleTimeoutMidStream(self) -> None:
+        """
+        Silence longer than the idle timeout ends an NDJSON stream with an error line and
+        drops the backend connection; steady output is never cut, however long.
+        """
+        response, chunks = self.startStream()
+        backendRequest = self.backendResource.requests[0]
+        for _ in range(10):
+            self.clock.advance(29)
+            backendRequest.write(b'{"response": "x"}\n')
+            self.flush()
+        self.assertEqual(self.backendResource.lost, [])
+        self.clock.advance(30)
+        self.flush()
+        self.successResultOf(self.collected)
+        last = b"".join(chunks).splitlines()[-1]
+        self.assertIn("sent nothing for 30s", json.loads(last)["error"])
+        self.assertEqual(len(self.backendResource.lost), 1)
+        self.flushLoggedErrors()
+
+    def test_backendFailsMidStream(self) -> None:
+        """
+        A backend connection lost mid-stream ends the stream with an error line.
+        """
+        response, chunks = self.startStream()
+        backendRequest = self.backendResource.requests[0]
+        backendRequest.write(b'{"response": "x"}\n')
+        self.flush()
+        backendRequest.channel.transport.loseConnection()
+        self.flush()
+        self.successResultOf(self.collected)
+        last = json.loads(b"".join(chunks).splitlines()[-1])
+        self.assertIn("failed mid-stream", last["error"])
+
+    def test_timeoutBeforeHeaders(self) -> None:
+        """
+        No response headers within the idle timeout is a L{GatewayTimeout}.
+        """
+        d = ensureDeferred(
+            self.relay.open(self.front.backend, b"POST", b"/api/chat", Headers(), b"{}")
+        )
+        self.backendHTTP.flush()
+        self.clock.advance(30)
+        self.backendHTTP.flush()
+        self.failureResultOf(d, GatewayTimeout)
+
+    def test_cancelBeforeHeaders(self) -> None:
+        """
+        Cancelling before the headers gives a plain L{CancelledError}, not Twisted's
+        ResponseNeverReceived, and closes the backend request.
+        """
+        d = ensureDeferred(
+            self.relay.open(self.front.backend, b"POST", b"/api/chat", Headers(), b"{}")
+        )
+        self.backendHTTP.flush()
+        d.cancel()
+        self.backendHTTP.flush()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(len(self.backendResource.lost), 1)
+
+
+class UnreachableTests(SynchronousTestCase):
+    """
+    Connection failures before the response become L{BackendUnreachable}.
+    """
+
+    def test_connectionRefused(self) -> None:
+        """
+        A refused connection is reported as unreachable, naming the backend.
+        """
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.internet.defer import fail
+
+        class Refusing:
+            def request(self, *args: object, **kwargs: object) -> object:
+                return fail(ConnectionRefusedError())
+
+        relay = Relay(Refusing(), Clock(), 30)
+        d = ensureDeferred(
+            relay.open(Backend(name="gpu9", url="http://x"), b"GET", b"/", Headers(), None)
+        )
+        failure = self.failureResultOf(d, BackendUnreachable)
+        self.assertIn("gpu9", str(failure.value))
+
+
+@implementer(IPushProducer)
+class FakeBackendTransport:
+    """
+    The producer side of a backend connection: records pause/resume/stop.
+    """
+
+    def __init__(self) -> None:
+        self.state = "producing"
+
+    def pauseProducing(self) -> None:
+        self.state = "paused"
+
+    def resumeProducing(self) -> None:
+        self.state = "producing"
+
+    def stopProducing(self) -> None:
+        self.state = "stopped"
+
+
+class FakeResponse:
+    """
+    Just enough of L{IResponse} to hand a body protocol a producer transport.
+    """
+
+    code = 200
+    phrase = b"OK"
+
+    def __init__(self, contentType: bytes) -> None:
+        self.headers = Headers({b"content-type": [contentType]})
+        self.transport = FakeBackendTransport()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+class BackpressureTests(SynchronousTestCase):
+    """
+    A real HTTPChannel on a StringTransport: when the client side pauses, the backend
+    transport pauses.
+    """
+
+    def makeRequest(self) -> tuple[HTTPChannel, Request]:
+        """
+        A request on a connected channel.
+        """
+        channel = HTTPChannel()
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        request = Request(channel)
+        request.method = b"POST"
+        request.uri = request.path = b"/api/generate"
+        request.clientproto = b"HTTP/1.1"
+        return channel, request
+
+    def test_pauseAndResume(self) -> None:
+        """
+        Pausing the client channel pauses the backend; resuming resumes it.
+        """
+        channel, request = self.makeRequest()
+        response = FakeResponse(b"application/x-ndjson")
+        relay = Relay(None, Clock(), 30)
+        done = relay.stream(request, response, OLLAMA)
+        response.protocol.dataReceived(b'{"response": "a"}\n')
+        channel.pauseProducing()
+        self.assertEqual(response.transport.state, "paused")
+        channel.resumeProducing()
+        self.assertEqual(response.transport.state, "producing")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(done), len(b'{"response": "a"}\n'))
+
+    def test_cancelStopsBackend(self) -> None:
+        """
+        Cancelling the relay (the client went away) stops the backend transport.
+        """
+        channel, request = self.makeRequest()
+        response = FakeResponse(b"text/event-stream")
+        done = Relay(None, Clock(), 30).stream(request, response, OPENAI)
+        done.cancel()
+        self.assertEqual(response.transport.state, "stopped")
+        self.failureResultOf(done, CancelledError)
+
+    def test_sseErrorLine(self) -> None:
+        """
+        An SSE stream that fails mid-way ends with a C{data:} error event.
+        """
+        channel, request = self.makeRequest()
+        response = FakeResponse(b"text/event-stream")
+        done = Relay(None, Clock(), 30).stream(request, response, OPENAI)
+        response.protocol.dataReceived(b"data: {}\n\n")
+        from twisted.internet.error import ConnectionLost
+
+        response.protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(done)
+        written = channel.transport.value()
+        self.assertIn(b'data: {"error": {"message": "backend failed mid-stream', written)
+        self.flushLoggedErrors()
+
+
+class HeaderTests(SynchronousTestCase):
+    """
+    L{forwardedHeaders} and L{requestHeadersForBackend}.
+    """
+
+    def test_dropsHopByHopAndListed(self) -> None:
+        """
+        Hop-by-hop headers and those listed in Connection are dropped, others kept.
+        """
+        headers = Headers(
+            {
+                b"Connection": [b"keep-alive, X-Private"],
+                b"X-Private": [b"1"],
+                b"Transfer-Encoding": [b"chunked"],
+                b"X-User-ID": [b"alice"],
+                b"Host": [b"proxy"],
+                b"Content-Length": [b"5"],
+                b"Authorization": [b"Bearer sk-proxy"],
+            }
+        )
+        forwarded = requestHeadersForBackend(headers, frozenset({b"authorization"}))
+        self.assertEqual(
+            sorted(name for name, _ in forwarded.getAllRawHeaders()), [b"X-User-Id"]
+        )
+        kept = forwardedHeaders(headers)
+        self.assertEqual(kept.getRawHeaders(b"host"), [b"proxy"])
+        self.assertIsNone(kept.getRawHeaders(b"x-private"))
