@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.test_aggregate -*-
+"""
+The endpoints the proxy answers for the whole pool, without queueing: C{/api/tags},
+C{/api/ps}, C{/api/version}, C{/v1/models} and C{/v1/models/{model}}.
+
+Live or cached, per endpoint:
+
+  - C{/api/tags} and C{/api/ps} ask every online Ollama backend, concurrently, each call
+    with its own deadline: their entries carry data the probes do not keep (C{size},
+    C{digest}, C{modified_at}, C{details}; C{expires_at} and C{size_vram} change by the
+    second). A backend that fails or times out only drops out of the answer; it is not
+    marked offline here, that is the health checker's judgement.
+  - C{/api/version}, C{/v1/models} and C{/v1/models/{model}} are answered from what the
+    last probe recorded (L{Backend.version}, L{Backend.models}): a version only changes
+    with a restart and model ids are all an OpenAI client reads, so a fan-out would add a
+    round trip (and a hung backend's deadline) for nothing. They are at most one health
+    interval old.
+
+"Online" means online and not draining: a draining backend takes no new requests, so
+listing models only it has would invite requests that cannot be served. C{/api/ps} is the
+exception: it reports what is in memory, and a draining backend still has it.
+
+Aliases (C{[models."x"] aliases}) are listed next to their model, as copies of its entry
+under the alias's name, when the model is present; not in C{/api/ps}, which reports
+models, not names for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ollamamq import errors
+from ollamamq.backends import OLLAMA, OPENAI, Backend, BackendPool
+from ollamamq.health import FetchError, getJSON, onlineBackends
+from ollamamq.models import ModelCatalog, canonicalModel, versionKey
+
+_BOTH = (OLLAMA, OPENAI)
+
+
+def _ownedBy(name: str, kind: str | None) -> str:
+    """
+    The C{owned_by} of a model id: its namespace, as Ollama reports it (C{library} for
+    official models, C{user} for C{hf.co/user/repo}); C{system} for a bare id from an
+    OpenAI-compatible server.
+    """
+    path = name.split(":", 1)[0].split("/")
+    if len(path) >= 2:
+        return path[-2]
+    return "library" if kind == OLLAMA else "system"
+
+
+class Aggregator:
+    """
+    Answers the pool-wide endpoints.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        http: Any,
+        clock: IReactorTime,
+        catalog: ModelCatalog,
+        timeout: float,
+    ) -> None:
+        """
+        @param http: treq, or a treq-like object such as L{treq.testing.StubTreq}.
+        @param timeout: deadline of each backend call of a fan-out.
+        """
+        self.pool = pool
+        self.http = http
+        self.clock = clock
+        self.catalog = catalog
+        self.timeout = timeout
+
+    def _fanOut(
+        self, backends: Iterable[Backend], path: str
+    ) -> Deferred[list[tuple[Backend, list[dict]]]]:
+        """
+        C{GET path} on every backend at once; fires with the C{models} entries of those
+        that answered a listing in time, in pool order. Cancelling it cancels the calls
+        (closing their connections) and errbacks with L{CancelledError}.
+        """
+        backends = list(backends)
+        calls = [
+            getJSON(self.http, self.clock, b.url, path, self.timeout) for b in backends
+        ]
+
+        def merge(results: list[tuple[bool, Any]]) -> list[tuple[Backend, list[dict]]]:
+            if any(not ok and answer.check(CancelledError) for ok, answer in results):
+                # Only our caller cancels the calls (deadlines are FetchErrors); it went
+                # away, so it must not get a half answer to write.
+                raise CancelledError()
+            answers = []
+            for backend, (ok, answer) in zip(backends, results):
+                if not ok:
+                    reason = (
+                        answer.value.message if answer.check(FetchError)
+                        else answer.getErrorMessage()
+                    )
+                    self.log.warn(
+                        "Backend {name} left out of {path}: {reason}",
+                        name=backend.name, path=path, reason=reason,
+                    )
+                    continue
+                entries = answer.get("models") if isinstance(answer, dict) else ()
+                if entries is None:
+                    entries = []  # Go encodes an empty list as null
+                if not isinstance(entries, list):
+                    self.log.warn(
+                        "Backend {name} left out of {path}: unexpected response shape",
+                        name=backend.name, path=path,
+                    )
+                    continue
+                answers.append((backend, [e for e in entries if _entryName(e)]))
+            return answers
+
+        return DeferredList(calls, consumeErrors=True).addCallback(merge)
+
+    def _union(
+        self, answers: list[tuple[Backend, list[dict]]], withAliases: bool
+    ) -> dict[str, dict]:
+        """
+        The entries of all answers by canonical key, the first of each model kept; then
+        one entry per alias of a present model.
+        """
+        entries: dict[str, dict] = {}
+        for _backend, models in answers:
+            for entry in models:
+                entries.setdefault(canonicalModel(_entryName(entry)), entry)
+        if withAliases:
+            for alias, key in self.catalog.aliases.items():
+                target = entries.get(key)
+                if target is not None:
+                    # An alias hides a real model of that name (it is routed to its
+                    # target), so its listing does too.
+                    entries[canonicalModel(alias)] = {**target, "name": alias, "model": alias}
+        return entries
+
+    def tags(self) -> Deferred[dict]:
+        """
+        C{GET /api/tags}: the union of the online Ollama backends' models (live), plus
+        aliases, sorted by name.
+        """
+        d = self._fanOut(onlineBackends(self.pool, [OLLAMA]), "/api/tags")
+        return d.addCallback(
+            lambda answers: {"models": _sortedEntries(self._union(answers, True))}
+        )
+
+    def ps(self) -> Deferred[dict]:
+        """
+        C{GET /api/ps}: the union of the models loaded on online Ollama backends (live,
+        draining ones included), one entry per model, sorted by name.
+        """
+        backends = [b for b in self.pool.backends if b.online and b.kind == OLLAMA]
+        d = self._fanOut(backends, "/api/ps")
+        return d.addCallback(
+            lambda answers: {"models": _sortedEntries(self._union(answers, False))}
+        )
+
+    def version(self) -> Deferred[dict]:
+        """
+        C{GET /api/version}: the lowest version (by L{versionKey}) the probes found on
+        online Ollama backends, since a client must not use a feature some backend lacks;
+        with none online, the lowest last known one.
+
+        @return: errbacks with L{errors.Unavailable} when no Ollama backend ever
+            reported a version.
+        """
+        ollama = [b for b in self.pool.backends if b.kind == OLLAMA and b.version]
+        online = [b for b in ollama if b.online]
+        versions = [b.version for b in (online or ollama) if b.version]
+        if not versions:
+            return fail(errors.Unavailable("no Ollama backend is online", retryAfter=10))
+        return succeed({"version": min(versions, key=versionKey)})
+
+    def _modelEntries(self) -> dict[str, dict]:
+        """
+        One C{/v1/models} entry per model of the online backends (any kind), by key.
+        """
+        entries: dict[str, dict] = {}
+        for backend in onlineBackends(self.pool, _BOTH):
+            for key, name in backend.models.items():
+                if key not in entries:
+                    entries[key] = _modelEntry(name, backend.kind)
+        return entries
+
+    def models(self) -> Deferred[dict]:
+        """
+        C{GET /v1/models}: the online backends' model ids (cached from the probes),
+        aliases included, sorted by id. C{created} is 0: the probes do not keep a date,
+        and a stable value is better than a made-up one.
+        """
+        entries = self._modelEntries()
+        for alias, key in self.catalog.aliases.items():
+            target = entries.get(key)
+            if target is not None:
+                entries[canonicalModel(alias)] = {**target, "id": alias}
+        data = sorted(entries.values(), key=lambda e: (e["id"].lower(), e["id"]))
+        return succeed({"object": "list", "data": data})
+
+    def model(self, name: str) -> Deferred[dict]:
+        """
+        C{GET /v1/models/{model}}: the entry of C{name} (an alias resolves to its model;
+        the entry keeps the name asked for, as Ollama does).
+
+        @return: errbacks with L{errors.NotFound} when no online backend has it.
+        """
+        key = self.catalog.resolve(name).key
+        for backend in onlineBackends(self.pool, _BOTH):
+            if key in backend.models:
+                return succeed(_modelEntry(name, backend.kind))
+        return fail(errors.NotFound(f"model {name!r} not found", code="model_not_found"))
+
+
+def _entryName(entry: Any) -> str | None:
+    """
+    The name of an C{/api/tags} or C{/api/ps} entry, or L{None} when it has none.
+    """
+    if not isinstance(entry, dict):
+        return None
+    for field in ("name", "model"):
+        value = entry.get(field)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _sortedEntries(entries: dict[str, dict]) -> list[dict]:
+    """
+    Entries sorted by name, case-insensitively (ties in a fixed order).
+    """
+    return sorted(entries.values(), key=lambda e: (_entryName(e).lower(), _entryName(e)))
+
+
+def _modelEntry(name: str, kind: str | None) -> dict:
+    """
+    A C{/v1/models} entry, shaped like Ollama's.
+    """
+    return {"id": name, "object": "model", "created": 0, "owned_by": _ownedBy(name, kind)}
+
+
+__all__ = ["Aggregator"]

@@ -1,0 +1,553 @@
+# -*- test-case-name: tests.test_health -*-
+"""
+Health probes: which backends are up, which API they speak, which models they have and
+which are loaded.
+
+Every C{interval} seconds L{HealthChecker} probes all backends of the pool at once and
+writes what it finds with L{BackendPool.markOnline} / L{BackendPool.markOffline}. Every
+HTTP call has its own deadline, so a hung backend is marked offline after C{probeTimeout}
+and never delays the others or the next round.
+
+Classification goes by the shape of the answers, not by status codes alone, because
+several servers answer paths they do not really implement:
+
+  1. C{GET /api/tags} answering C{{"models": [...]}} is Ollama; then C{GET /api/ps}
+     (loaded models) and C{GET /api/version} run concurrently, and failures of those two
+     only cost the extra information (older Ollama has no C{/api/ps}).
+  2. Otherwise C{GET /v1/models} answering C{{"data": [...]}} is OpenAI-compatible
+     (llama.cpp's llama-server, LM Studio, vLLM); model ids are the names.
+  3. Otherwise the backend is offline, with the reasons of both calls. A connection that
+     cannot be made, or a call that times out, ends the probe at once: asking the same
+     host a second question would only double the wait.
+
+L{getJSON} is the one HTTP helper of the module, shared with L{ollamamq.aggregate}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from twisted.application.internet import TimerService
+from twisted.application.service import IService
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+
+from ollamamq.backends import OLLAMA, OPENAI, ONLINE, Backend, BackendPool, UnknownBackend
+
+#: Largest answer body read from a backend. A listing of hundreds of models is a few
+#: hundred KiB; anything far bigger is a misbehaving server, not a model list.
+MAX_BODY = 16 * 1024 * 1024
+
+
+class FetchError(Exception):
+    """
+    A backend call failed; the message says why, for a person (it ends up in
+    L{Backend.error}, C{/proxy/status} and the log).
+
+    @ivar connection: whether the failure was the connection itself (refused, timed out,
+        dropped), so asking the same host something else is pointless.
+    """
+
+    def __init__(self, message: str, connection: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.connection = connection
+
+
+class _TooLarge(Exception):
+    """
+    An answer body went past the reader's limit.
+    """
+
+
+class _BodyReader(Protocol):
+    """
+    Collect a response body, at most C{limit} bytes.
+
+    treq's C{collect}/C{json_content} cannot be cancelled: cancelling them leaves the
+    connection open and reading. This reader's Deferred drops the connection when
+    cancelled, so a backend that sends headers and then stalls costs nothing after the
+    deadline.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def _cancel(self, done: Deferred[bytes]) -> None:
+        """
+        Stop reading: closes the connection, so the server stops too.
+        """
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.done.errback(Failure(_TooLarge(self._limit)))
+            self.transport.stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            # Already answered (too large, or cancelled): this is our own hang-up.
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def _seconds(value: float) -> str:
+    """
+    C{5.0} as C{"5s"}, C{2.5} as C{"2.5s"}.
+    """
+    return f"{value:g}s"
+
+
+def describeFailure(failure: Failure) -> FetchError:
+    """
+    Turn a failed HTTP call into a L{FetchError} with a short reason.
+    """
+    if failure.check(FetchError):
+        return failure.value
+    if failure.check(ConnectionRefusedError):
+        return FetchError("connection refused", connection=True)
+    if failure.check(DNSLookupError):
+        return FetchError("DNS lookup failed", connection=True)
+    if failure.check(ConnectTimeoutError):
+        return FetchError("connect timed out", connection=True)
+    if failure.check(ConnectError):
+        return FetchError(f"cannot connect: {failure.getErrorMessage()}", connection=True)
+    if failure.check(ResponseNeverReceived, ResponseFailed, ConnectionLost):
+        return FetchError("connection lost", connection=True)
+    return FetchError(f"{failure.type.__name__}: {failure.getErrorMessage()}", connection=True)
+
+
+def _wasCancelled(failure: Failure) -> bool:
+    """
+    Whether C{failure} is a cancelled call, in any of the wrappings Agent uses for it
+    (L{ResponseNeverReceived} around L{CancelledError} while waiting for the answer,
+    L{ConnectingCancelledError} while connecting).
+    """
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return True
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return any(r.check(CancelledError) for r in failure.value.reasons)
+    return False
+
+
+def getJSON(
+    http: Any,
+    clock: IReactorTime,
+    base: str,
+    path: str,
+    timeout: float,
+    onResponse: Callable[[], None] | None = None,
+) -> Deferred[Any]:
+    """
+    C{GET base + path} and decode the JSON answer, all within C{timeout} seconds.
+
+    @param http: treq or a treq-like object (L{treq.testing.StubTreq}).
+    @param clock: measures the deadline, so tests can use L{task.Clock}.
+    @param onResponse: called when the response headers arrive (for latency).
+    @return: fires with the decoded JSON of a 2xx answer; errbacks with L{FetchError}
+        (C{"GET /api/tags: 500"}, C{"GET /api/tags: not JSON"}, C{"GET /api/tags timed
+        out after 5s"}, C{"connection refused"}, ...), or L{CancelledError} when the
+        caller cancelled it. Cancelling (or the deadline) closes the connection.
+    """
+    url = base.rstrip("/") + path
+
+    def gotResponse(response: Any) -> Deferred[tuple[int, bytes]]:
+        if onResponse is not None:
+            onResponse()
+        # Read the body even of an error answer: an unread body keeps the connection busy.
+        reader = _BodyReader(MAX_BODY)
+        response.deliverBody(reader)
+        return reader.done.addCallback(lambda body: (response.code, body))
+
+    def decode(answer: tuple[int, bytes]) -> Any:
+        code, body = answer
+        if not 200 <= code < 300:
+            raise FetchError(f"GET {path}: {code}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise FetchError(f"GET {path}: not JSON") from None
+
+    def failed(failure: Failure) -> Failure:
+        if _wasCancelled(failure):
+            return Failure(CancelledError())
+        if failure.check(_TooLarge):
+            return Failure(FetchError(f"GET {path}: answer larger than {MAX_BODY} bytes"))
+        return Failure(describeFailure(failure))
+
+    def timedOut(result: Any, seconds: float) -> Any:
+        # Whatever the cancelled call ended with (CancelledError, ResponseNeverReceived,
+        # ...), the reason is that we stopped waiting.
+        if isinstance(result, Failure):
+            raise FetchError(f"GET {path} timed out after {_seconds(seconds)}", connection=True)
+        return result
+
+    d = http.get(url, unbuffered=True)
+    d.addCallback(gotResponse)
+    d.addCallback(decode)
+    d.addErrback(failed)
+    d.addTimeout(timeout, clock, onTimeoutCancel=timedOut)
+    return d
+
+
+def _names(entries: Any, field: str) -> list[str] | None:
+    """
+    The names in a listing (C{models} of C{/api/tags}, C{data} of C{/v1/models}), or
+    L{None} when it is not a listing. Go servers encode an empty list as C{null}.
+    """
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        return None
+    names = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            name = entry.get(field)
+            if field == "name" and not isinstance(name, str):
+                name = entry.get("model")
+            if isinstance(name, str) and name:
+                names.append(name)
+    return names
+
+
+def _listing(answer: Any, key: str, field: str) -> list[str] | None:
+    """
+    The names listed under C{key} of a JSON object answer, or L{None} when C{answer} is
+    not that shape.
+    """
+    if not isinstance(answer, dict) or key not in answer:
+        return None
+    return _names(answer[key], field)
+
+
+@attrs.frozen
+class Finding:
+    """
+    What one probe found.
+
+    @ivar kind: L{OLLAMA}, L{OPENAI}, or L{None} when the backend is offline.
+    @ivar reason: why it is offline (only when C{kind} is L{None}).
+    """
+
+    kind: str | None
+    models: tuple[str, ...] = ()
+    loaded: tuple[str, ...] = ()
+    version: str | None = None
+    latency: float | None = None
+    reason: str | None = None
+
+
+class _ProbeLoop(TimerService):
+    """
+    The periodic probe: a L{TimerService} that, when stopped, cancels the probes under way
+    instead of waiting for a hung backend's deadline, so C{twistd} stops promptly.
+    """
+
+    def __init__(self, checker: HealthChecker) -> None:
+        super().__init__(checker.interval, checker.probeAll)
+        # Before startService: TimerService creates its LoopingCall there.
+        self.clock = checker.clock
+        self._checker = checker
+
+    def startService(self) -> None:
+        self._checker.stopped = False
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        # Stop the loop first, so the round we cancel does not schedule another.
+        d = super().stopService()
+        self._checker.stop()
+        return d
+
+
+class HealthChecker:
+    """
+    Probes the backends of a pool and records what it finds there.
+
+    @ivar stopped: set while the service is stopped; cancelled probes then record nothing.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        http: Any,
+        clock: IReactorTime,
+        interval: float,
+        probeTimeout: float,
+    ) -> None:
+        """
+        @param http: treq, or a treq-like object such as L{treq.testing.StubTreq}.
+        @param interval: seconds between probe rounds.
+        @param probeTimeout: deadline of each HTTP call of a probe.
+        """
+        self.pool = pool
+        self.http = http
+        self.clock = clock
+        self.interval = interval
+        self.probeTimeout = probeTimeout
+        self.stopped = False
+        self._running: dict[Backend, Deferred[None]] = {}
+        self._waiters: dict[Backend, list[Deferred[None]]] = {}
+        self._soon: dict[Backend, IDelayedCall] = {}
+        self._service: _ProbeLoop | None = None
+
+    def service(self) -> IService:
+        """
+        The service that probes every C{interval} seconds, the first round at once.
+        Always the same service: two loops over one pool would only double the traffic.
+        """
+        if self._service is None:
+            self._service = _ProbeLoop(self)
+        return self._service
+
+    def probeAll(self) -> Deferred[None]:
+        """
+        Probe every backend now in the pool, concurrently. Backends added later are
+        probed in the next round.
+
+        @return: fires with L{None} when all probes are done; never fails, since an
+            unhandled failure would stop the L{TimerService} for good.
+        """
+        try:
+            probes = [self.probe(backend) for backend in self.pool.backends]
+        except Exception:
+            self.log.failure("Could not start the probe round")
+            return succeed(None)
+        done = DeferredList(probes, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    def probe(self, backend: Backend) -> Deferred[None]:
+        """
+        Probe one backend and record the result in the pool (unless the backend has left
+        the pool meanwhile). A probe already under way for it is joined, not repeated.
+
+        @return: fires with L{None} when done; never fails.
+        """
+        waiter: Deferred[None] = Deferred()
+        self._waiters.setdefault(backend, []).append(waiter)
+        if backend not in self._running:
+            delayed = self._soon.pop(backend, None)
+            if delayed is not None and delayed.active():
+                delayed.cancel()
+            d = Deferred.fromCoroutine(self._examine(backend))
+            d.addErrback(self._examineFailed, backend)
+            d.addCallback(self._record, backend)
+            d.addErrback(self._recordFailed, backend)
+            self._running[backend] = d
+            d.addBoth(self._finished, backend)
+        return waiter
+
+    def probeSoon(self, backend: Backend, delay: float = 0) -> None:
+        """
+        Probe C{backend} after C{delay} seconds, unless a probe is already due or under
+        way: the relay calls this after a request failed, so a backend that only hiccuped
+        is back in service without waiting for the next round, and a burst of failures
+        costs one probe.
+        """
+        if self.stopped or backend in self._running or backend in self._soon:
+            return
+
+        def due() -> None:
+            del self._soon[backend]
+            self.probe(backend)
+
+        self._soon[backend] = self.clock.callLater(delay, due)
+
+    def stop(self) -> None:
+        """
+        Cancel the probes under way and those scheduled with L{probeSoon}, recording
+        nothing for them.
+        """
+        self.stopped = True
+        for delayed in self._soon.values():
+            if delayed.active():
+                delayed.cancel()
+        self._soon.clear()
+        for d in list(self._running.values()):
+            d.cancel()
+
+    async def _examine(self, backend: Backend) -> Finding:
+        """
+        Ask C{backend} what it is. Only L{CancelledError} escapes; every failure of the
+        backend becomes a L{Finding} with a reason.
+        """
+        started = self.clock.seconds()
+        answered: list[float] = []
+
+        def stamp() -> None:
+            answered.append(self.clock.seconds())
+
+        try:
+            tags = await getJSON(
+                self.http, self.clock, backend.url, "/api/tags", self.probeTimeout, stamp
+            )
+        except FetchError as e:
+            if e.connection:
+                return Finding(None, reason=e.message)
+            tagsProblem = e.message
+        else:
+            models = _listing(tags, "models", "name")
+            if models is not None:
+                latency = answered[0] - started if answered else None
+                return await self._ollamaDetails(backend, models, latency)
+            tagsProblem = "GET /api/tags: unexpected response shape"
+        latency = answered[0] - started if answered else None
+
+        try:
+            listing = await getJSON(
+                self.http, self.clock, backend.url, "/v1/models", self.probeTimeout
+            )
+        except FetchError as e:
+            return Finding(None, reason=f"{tagsProblem}; {e.message}")
+        ids = _listing(listing, "data", "id")
+        if ids is None:
+            return Finding(
+                None, reason=f"{tagsProblem}; GET /v1/models: unexpected response shape"
+            )
+        # No common way to ask an OpenAI-compatible server what is in memory (llama-server
+        # and vLLM serve only loaded models, LM Studio lists what it could load), so none
+        # is preferred for being "loaded".
+        return Finding(OPENAI, models=tuple(ids), latency=latency)
+
+    async def _ollamaDetails(
+        self, backend: Backend, models: list[str], latency: float | None
+    ) -> Finding:
+        """
+        The loaded models and version of an Ollama backend, asked concurrently. Either
+        may fail (old versions lack C{/api/ps}) without making the backend offline.
+        """
+        ps = getJSON(self.http, self.clock, backend.url, "/api/ps", self.probeTimeout)
+        version = getJSON(self.http, self.clock, backend.url, "/api/version", self.probeTimeout)
+        results = await DeferredList([ps, version], consumeErrors=True)
+        (psOK, psAnswer), (versionOK, versionAnswer) = results
+        for ok, answer in results:
+            if not ok and answer.check(CancelledError):
+                answer.raiseException()
+        loaded = _listing(psAnswer, "models", "name") if psOK else None
+        found = None
+        if versionOK and isinstance(versionAnswer, dict):
+            found = versionAnswer.get("version")
+        if not isinstance(found, str):
+            # Keep what an earlier probe learnt: the version only changes with a restart.
+            found = backend.version
+        return Finding(
+            OLLAMA, models=tuple(models), loaded=tuple(loaded or ()), version=found,
+            latency=latency,
+        )
+
+    def _inPool(self, backend: Backend) -> bool:
+        """
+        Whether C{backend} itself (not just its name) is still in the pool.
+        """
+        try:
+            return self.pool.get(backend.name) is backend
+        except UnknownBackend:
+            return False
+
+    def _record(self, finding: Finding, backend: Backend) -> None:
+        """
+        Write a finding into the pool and log the transitions (not every round).
+        """
+        if not self._inPool(backend):
+            # Removed while we asked: writing would notify subscribers about a backend
+            # nobody can use, and a name reused since must not get our stale answer.
+            return
+        wasOnline = backend.state == ONLINE
+        previousError = backend.error
+        if finding.kind is None:
+            self.pool.markOffline(backend, finding.reason or "unknown error")
+            if wasOnline or previousError is None:
+                self.log.warn(
+                    "Backend {name} ({url}) is offline: {reason}",
+                    name=backend.name, url=backend.url, reason=finding.reason,
+                )
+            return
+        self.pool.markOnline(
+            backend, finding.kind, finding.models, finding.loaded, finding.version,
+            finding.latency,
+        )
+        if not wasOnline:
+            self.log.info(
+                "Backend {name} ({url}) is online: {kind} {version}, {count} models",
+                name=backend.name, url=backend.url, kind=finding.kind,
+                version=finding.version or "", count=len(finding.models),
+            )
+
+    def _examineFailed(self, failure: Failure, backend: Backend) -> Finding | Failure:
+        """
+        A bug while examining a backend (backend failures are findings, not exceptions):
+        log it with its traceback and count the backend as offline, since what it said
+        could not be understood. A cancelled probe passes through, to record nothing.
+        """
+        if failure.check(CancelledError):
+            return failure
+        self.log.failure("Probe of backend {name} failed", failure, name=backend.name)
+        return Finding(None, reason=f"probe failed: {failure.getErrorMessage()}")
+
+    def _recordFailed(self, failure: Failure, backend: Backend) -> None:
+        """
+        Keep a probe from ever failing: a cancelled probe records nothing, and an error
+        while recording (a pool subscriber's, most likely) is logged and dropped, so the
+        loop and the other probes go on.
+        """
+        if failure.check(CancelledError):
+            return
+        self.log.failure(
+            "Recording the probe of backend {name} failed", failure, name=backend.name
+        )
+
+    def _finished(self, result: None, backend: Backend) -> None:
+        """
+        A probe is over: let the next one start and wake everyone waiting for this one.
+        """
+        del self._running[backend]
+        for waiter in self._waiters.pop(backend, ()):
+            waiter.callback(None)
+
+
+def onlineBackends(pool: BackendPool, kinds: Iterable[str]) -> list[Backend]:
+    """
+    The backends that are online, not draining, and speak one of C{kinds}, in pool order.
+    """
+    wanted = frozenset(kinds)
+    return [b for b in pool.backends if b.available and b.kind in wanted]
+
+
+__all__ = [
+    "FetchError",
+    "Finding",
+    "HealthChecker",
+    "describeFailure",
+    "getJSON",
+    "onlineBackends",
+]
