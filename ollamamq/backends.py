@@ -211,6 +211,7 @@ class BackendPool:
         @param models: model names as the backend reported them.
         @param loaded: names of the models it has in memory.
         """
+        before = (backend.state, backend.kind, backend.models, backend.loaded)
         backend.state = ONLINE
         backend.kind = kind
         backend.models = {canonicalModel(m): m for m in models}
@@ -218,7 +219,10 @@ class BackendPool:
         backend.version = version
         backend.latency = latency
         backend.error = None
-        self.changed()
+        # Probes repeat every interval; wake the scheduler only when what it can route
+        # (or prefer) changed.
+        if before != (backend.state, backend.kind, backend.models, backend.loaded):
+            self.changed()
 
     def markOffline(self, backend: Backend, reason: str) -> None:
         """

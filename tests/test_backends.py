@@ -169,3 +169,24 @@ class PoolTests(SynchronousTestCase):
         for field in ("name", "url", "online", "kind", "slots", "active", "loaded"):
             self.assertIn(field, entry)
         self.assertEqual(pool.get("a").modelName("llama3:8b"), "Llama3:8B")
+
+
+class NotificationTests(SynchronousTestCase):
+    """
+    Repeated identical probe results do not wake the subscribers.
+    """
+
+    def test_sameProbeNoNotification(self) -> None:
+        """
+        Only a change of state, kind, models or loaded models notifies.
+        """
+        pool = BackendPool([Backend(name="a", url="http://a")])
+        calls = []
+        pool.subscribe(lambda: calls.append(1))
+        a = pool.get("a")
+        pool.markOnline(a, OLLAMA, ["m"], latency=0.1)
+        pool.markOnline(a, OLLAMA, ["m"], latency=0.2)
+        self.assertEqual(len(calls), 1)
+        pool.markOnline(a, OLLAMA, ["m"], loaded=["m"])
+        pool.markOnline(a, OLLAMA, ["m", "n"], loaded=["m"])
+        self.assertEqual(len(calls), 3)

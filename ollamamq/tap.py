@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The twistd plugin's options and the one place that wires the daemon's objects together.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from treq.client import HTTPClient
+from zope.interface import implementer
+
+from ollamamq.aggregate import Aggregator
+from ollamamq.api import ProxyAPI
+from ollamamq.backends import Backend, BackendPool
+from ollamamq.config import (
+    Config,
+    ConfigError,
+    backendsFromURLs,
+    buildConfig,
+    loadConfigFile,
+)
+from ollamamq.health import HealthChecker
+from ollamamq.identity import IdentityResolver
+from ollamamq.models import ModelCatalog
+from ollamamq.relay import Relay
+from ollamamq.scheduler import Scheduler
+
+log = Logger()
+
+# How long a stopping daemon lets running requests finish before cutting them.
+DRAIN_GRACE = 30.0
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
+    return port
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError(f"expected a positive number of seconds, got {value}")
+    return seconds
+
+
+class Options(usage.Options):
+    """
+    C{twistd ollamamq} options (DESIGN.md section 2). After parsing, C{self.config} holds
+    the merged, validated L{Config}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A fair-share queueing proxy for Ollama and OpenAI-compatible LLM servers. "
+        "Each user gets a queue; backends get no more requests than they have slots."
+    )
+    optFlags = [
+        ["allow-all-routes", None, "Proxy unknown paths too (queued, any fitting backend)."],
+        ["demo", None, "Start two simulated backends in-process; no Ollama needed."],
+    ]
+    optParameters = [
+        ["port", "p", None, "Listen on 127.0.0.1:PORT [default: 11435].", _port],
+        ["backends", None, None, "Comma-separated backend URLs."],
+        ["config", "c", None, "TOML config file; command-line options override it."],
+        ["timeout", "t", None, "Idle timeout in seconds between backend bytes [default: 300].",
+         _seconds],
+        ["health-interval", None, None, "Backend probe period in seconds [default: 10].",
+         _seconds],
+        ["control", None, None, "AMP control socket path [default: ollamamq.sock]."],
+        ["state", None, None, "SQLite state file [default: ollamamq.db]."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["backend"] = []
+        self.config: Config | None = None
+        self.environ: dict[str, str] = dict(os.environ)
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        Twisted server endpoint to listen on, repeatable (tcp:11435:interface=0.0.0.0,
+        systemd:domain=INET:index=0).
+        """
+        self["listen"].append(endpoint)
+
+    def opt_backend(self, url: str) -> None:
+        """
+        A backend URL, repeatable [default: http://localhost:11434].
+        """
+        self["backend"].append(url)
+
+    opt_b = opt_backend
+
+    def postOptions(self) -> None:
+        """
+        Merge file, environment and command line into C{self.config}.
+        """
+        try:
+            fileFields = loadConfigFile(self["config"]) if self["config"] else {}
+            self.config = buildConfig(fileFields, self._cliFields(), self.environ)
+            # Model rules can clash only once names are canonicalised; check at startup.
+            ModelCatalog(self.config.models)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _cliFields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        listen = list(self["listen"])
+        if self["port"] is not None:
+            listen.insert(0, f"tcp:{self['port']}:interface=127.0.0.1")
+        if listen:
+            fields["listen"] = listen
+        urls = list(self["backend"])
+        if self["backends"]:
+            urls += [u for u in self["backends"].split(",") if u.strip()]
+        if urls:
+            fields["backends"] = backendsFromURLs(urls, "--backend")
+        for option, field in (
+            ("timeout", "timeout"),
+            ("health-interval", "healthInterval"),
+            ("control", "control"),
+            ("state", "state"),
+        ):
+            if self[option] is not None:
+                fields[field] = self[option]
+        if self["allow-all-routes"]:
+            fields["allowAllRoutes"] = True
+        if self["demo"]:
+            fields["demo"] = True
+        return fields
+
+
+@implementer(IStreamServerEndpoint)
+class _AnnouncedEndpoint:
+    """
+    A server endpoint that logs the address it ends up listening on, so a port chosen by
+    the system (C{tcp:0}) can be found in the log.
+    """
+
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint) -> None:
+        self._description = description
+        self._endpoint = endpoint
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        d = self._endpoint.listen(factory)
+
+        def announce(port: IListeningPort) -> IListeningPort:
+            address = port.getHost()
+            host, number = getattr(address, "host", None), getattr(address, "port", None)
+            if number is not None:
+                log.info("ollamamq listening on http://{host}:{port}/", host=host, port=number)
+            else:
+                log.info("ollamamq listening on {description}", description=self._description)
+            return port
+
+        return d.addCallback(announce)
+
+
+class _DrainService(service.Service):
+    """
+    On stop: refuse new requests, let running ones finish for a grace period, then close
+    the backend connection pool (which cuts whatever is still running).
+    """
+
+    def __init__(self, scheduler: Scheduler, httpPool: HTTPConnectionPool, clock: Any,
+                 grace: float) -> None:
+        self._scheduler = scheduler
+        self._httpPool = httpPool
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._scheduler.stop()
+        deadline = self._clock.seconds() + self._grace
+
+        def check() -> None:
+            if self._scheduler.active == 0 or self._clock.seconds() >= deadline:
+                poll.stop()
+
+        poll = LoopingCall(check)
+        poll.clock = self._clock
+        d = poll.start(0.1, now=True)
+        d.addCallback(lambda _: self._httpPool.closeCachedConnections())
+        return d
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    """
+    Build the daemon: HTTP front, scheduler, backend pool, health checks.
+
+    @param reactor: defaults to the global reactor; tests pass a C{MemoryReactorClock}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    config = options.config
+    assert config is not None, "Options.parseOptions() was not called"
+
+    top = service.MultiService()
+    httpPool = HTTPConnectionPool(reactor, persistent=True)
+    httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
+    http = HTTPClient(Agent(reactor, pool=httpPool))
+
+    pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
+    scheduler = Scheduler(pool, reactor, config)
+    catalog = ModelCatalog(config.models)
+    health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout)
+    api = ProxyAPI(
+        config=config,
+        pool=pool,
+        scheduler=scheduler,
+        relay=Relay(http, reactor, config.timeout),
+        identity=IdentityResolver(config),
+        catalog=catalog,
+        aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout),
+        clock=reactor,
+    )
+
+    _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
+    health.service().setServiceParent(top)
+    if config.demo:
+        from ollamamq.sim.demo import DemoBackends
+
+        def demoReady(backend: Backend) -> None:
+            pool.add(backend)
+            health.probe(backend)
+
+        DemoBackends(reactor, demoReady).setServiceParent(top)
+    site = Site(api.resource())
+    for description in config.listen:
+        endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
+        listener = StreamServerEndpointService(endpoint, site)
+        # As twisted.application.strports does: a port that cannot be bound fails startup
+        # loudly instead of leaving a daemon that serves nothing.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    return top
+
