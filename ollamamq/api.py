@@ -1,0 +1,472 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The HTTP front: the route table. Each request is classified (local, aggregated, queued,
+routed by model, model management), its caller identified, and handed on: queued requests
+to the scheduler and then the relay, aggregated ones to the aggregator.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from klein import Klein
+import treq
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+
+from ollamamq import backends as kinds
+from ollamamq.aggregate import Aggregator
+from ollamamq.backends import Backend, BackendPool, UnknownBackend
+from ollamamq.config import Config
+from ollamamq.errors import (
+    ANTHROPIC,
+    OLLAMA,
+    OPENAI,
+    BadGateway,
+    BadRequest,
+    BodyTooLarge,
+    Forbidden,
+    NotFound,
+    ProxyError,
+    Unavailable,
+    errorBody,
+    retryAfterHeader,
+)
+from ollamamq.identity import IdentityResolver
+from ollamamq.models import ModelCatalog, Resolution
+from ollamamq.relay import BackendUnreachable, Relay, requestHeadersForBackend
+from ollamamq.scheduler import Job, Lease, Scheduler
+
+OLLAMA_ONLY = frozenset({kinds.OLLAMA})
+ANY_KIND = frozenset({kinds.OLLAMA, kinds.OPENAI})
+
+# Statuses that mean "this backend cannot serve now" rather than "this is the answer":
+# the request fails over to another backend and this one is marked offline until a probe
+# finds it working. A 500 is the backend's real answer (a bad prompt, too little memory)
+# and is relayed as is.
+FAILOVER_STATUSES = frozenset({502, 503, 504})
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+JSON = b"application/json; charset=utf-8"
+
+
+def familyFor(path: bytes) -> str:
+    """
+    The API family whose error shape a path's caller understands.
+    """
+    if path.startswith(b"/v1/messages"):
+        return ANTHROPIC
+    if path.startswith(b"/v1/"):
+        return OPENAI
+    return OLLAMA
+
+
+def kindsFor(path: bytes) -> frozenset[str]:
+    """
+    Backend kinds that serve a path: native C{/api/*} routes need Ollama, the rest any.
+    """
+    return OLLAMA_ONLY if path.startswith(b"/api/") else ANY_KIND
+
+
+def _jsonResponse(request: IRequest, payload: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON)
+    return json.dumps(payload).encode("utf-8")
+
+
+def _peerHost(request: IRequest) -> str:
+    return getattr(request.getClientAddress(), "host", None) or "local"
+
+
+@attrs.define
+class ProxyAPI:
+    """
+    The Klein application of the proxy; all collaborators are injected.
+    """
+
+    config: Config
+    pool: BackendPool
+    scheduler: Scheduler
+    relay: Relay
+    identity: IdentityResolver
+    catalog: ModelCatalog
+    aggregator: Aggregator
+    clock: IReactorTime
+
+    app = Klein()
+
+    def resource(self) -> Any:
+        """
+        The twisted.web resource serving this API.
+        """
+        return self.app.resource()
+
+    # --- errors ---
+
+    @app.handle_errors(ProxyError)
+    def _proxyError(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        retry = retryAfterHeader(error)
+        if retry is not None:
+            request.setHeader(b"retry-after", retry)
+        request.setResponseCode(error.status)
+        request.setHeader(b"content-type", JSON)
+        return errorBody(error, familyFor(request.path))
+
+    # --- local routes ---
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        """
+        What Ollama answers, so clients that check for a running server are satisfied.
+        """
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Ollama is running"
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: IRequest) -> bytes:
+        """
+        Liveness for load balancers: 200 while at least one backend is online, else 503.
+        """
+        backends = self.pool.backends
+        online = sum(b.online for b in backends)
+        if online:
+            status = "ok" if online == len(backends) else "degraded"
+        else:
+            status = "starting" if not self.pool.settled else "down"
+        payload = {
+            "status": status,
+            "backends": {"online": online, "total": len(backends)},
+            "queued": self.scheduler.queued,
+            "active": self.scheduler.active,
+        }
+        return _jsonResponse(request, payload, 200 if online else 503)
+
+    @app.route("/proxy/status", methods=["GET"])
+    def status(self, request: IRequest) -> bytes:
+        """
+        Backends, users and queues, as documented in DESIGN.md section 4.
+        """
+        payload = {
+            "backends": [b.describe() for b in self.pool.backends],
+            "users": self.scheduler.snapshot(),
+            "blocked_ips": [],
+            "queued": self.scheduler.queued,
+            "active": self.scheduler.active,
+        }
+        return _jsonResponse(request, payload)
+
+    # --- aggregated over backends, never queued ---
+
+    @app.route("/api/tags", methods=["GET", "HEAD"])
+    async def tags(self, request: IRequest) -> bytes:
+        """
+        The union of every online Ollama backend's models, plus configured aliases.
+        """
+        return _jsonResponse(request, await self.aggregator.tags())
+
+    @app.route("/api/ps", methods=["GET"])
+    async def ps(self, request: IRequest) -> bytes:
+        """
+        The union of the models loaded on the online Ollama backends.
+        """
+        return _jsonResponse(request, await self.aggregator.ps())
+
+    @app.route("/api/version", methods=["GET", "HEAD"])
+    async def version(self, request: IRequest) -> bytes:
+        """
+        The lowest backend version: what every request can rely on.
+        """
+        return _jsonResponse(request, await self.aggregator.version())
+
+    @app.route("/v1/models", methods=["GET"])
+    async def models(self, request: IRequest) -> bytes:
+        """
+        The union of the online backends' models, OpenAI-shaped.
+        """
+        return _jsonResponse(request, await self.aggregator.models())
+
+    @app.route("/v1/models/<path:model>", methods=["GET"])
+    async def model(self, request: IRequest, model: str) -> bytes:
+        """
+        One model, OpenAI-shaped; 404 when no online backend has it.
+        """
+        return _jsonResponse(request, await self.aggregator.model(model))
+
+    # --- queued: fair-share scheduled, routed by model ---
+
+    @app.route("/api/generate", methods=["POST"])
+    @app.route("/api/chat", methods=["POST"])
+    @app.route("/api/embed", methods=["POST"])
+    @app.route("/api/embeddings", methods=["POST"])
+    @app.route("/v1/chat/completions", methods=["POST"])
+    @app.route("/v1/completions", methods=["POST"])
+    @app.route("/v1/embeddings", methods=["POST"])
+    @app.route("/v1/messages", methods=["POST"])
+    async def queued(self, request: IRequest) -> None:
+        """
+        A generation or embedding: wait for a fair turn and a slot, then stream.
+        """
+        body = self._readJSON(request)
+        resolution = self._resolveModel(request.path, body)
+        await self._runQueued(request, body, resolution)
+
+    @app.route("/<path:rest>", methods=ALL_METHODS)
+    async def other(self, request: IRequest, rest: str) -> None:
+        """
+        Any other path: proxied (queued, any backend of a fitting kind) with
+        C{--allow-all-routes}, else 404.
+        """
+        if not self.config.allowAllRoutes:
+            raise NotFound(f"no route for {request.method.decode()} /{rest}", code="unknown_route")
+        raw = self._readBody(request)
+        body: dict | None = None
+        resolution = None
+        if raw:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                body = parsed
+                resolution = self._resolveModel(request.path, body)
+        await self._runQueued(request, body, resolution, raw=raw)
+
+    # --- routed by model, not queued ---
+
+    @app.route("/api/show", methods=["POST"])
+    async def show(self, request: IRequest) -> None:
+        """
+        Model details, from a backend that has the model, without waiting in a queue.
+        """
+        body = self._readJSON(request)
+        resolution = self._resolveModel(request.path, body)
+        holders = self.pool.holders(OLLAMA_ONLY, resolution.key)
+        if not holders:
+            raise self._unavailable(resolution.requested)
+        payload = dict(body, model=holders[0].modelName(resolution.key))
+        payload.pop("name", None)
+        await self._tryInTurn(request, holders, json.dumps(payload).encode("utf-8"))
+
+    # --- request handling ---
+
+    def _readBody(self, request: IRequest) -> bytes:
+        limit = self.config.maxBodyBytes
+        declared = request.getHeader(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes", code="body_too_large")
+        raw = request.content.read(limit + 1)
+        if len(raw) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes", code="body_too_large")
+        return raw
+
+    def _readJSON(self, request: IRequest) -> dict:
+        raw = self._readBody(request)
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _resolveModel(self, path: bytes, body: dict) -> Resolution:
+        # Ollama's older clients send "name" instead of "model" on some routes.
+        requested = body.get("model", body.get("name"))
+        if not isinstance(requested, str) or not requested.strip():
+            raise BadRequest("missing model: set \"model\" in the request body", code="missing_model")
+        resolution = self.catalog.resolve(requested)
+        if not self.pool.knows(resolution.key):
+            if self.pool.settled:
+                raise NotFound(f"model {requested!r} not found on any backend", code="model_not_found")
+            raise Unavailable(
+                f"model {requested!r} not known yet: backends are starting",
+                code="backends_starting",
+                retryAfter=self.config.healthInterval,
+            )
+        return resolution
+
+    def _unavailable(self, requested: str) -> Unavailable:
+        return Unavailable(
+            f"no backend online for model {requested!r}",
+            code="no_backend",
+            retryAfter=self.config.healthInterval,
+        )
+
+    def _backendHeaders(self, request: IRequest) -> Headers:
+        drop = {b"x-admin-key", b"x-backend"}
+        for name in (b"authorization", b"x-api-key"):
+            value = request.getHeader(name)
+            if value is not None and self.identity.isProxyCredential(
+                value.decode("latin-1").removeprefix("Bearer ").strip()
+            ):
+                drop.add(name)
+        return requestHeadersForBackend(request.requestHeaders, frozenset(drop))
+
+    def _bodyFor(self, backend: Backend, body: dict | None, resolution: Resolution | None,
+                 path: bytes, raw: bytes | None) -> bytes | None:
+        if body is None or resolution is None:
+            return raw
+        family = OLLAMA if path.startswith(b"/api/") else OPENAI
+        rewritten = self.catalog.rewrite(body, resolution, family)
+        spelled = backend.modelName(resolution.key)
+        if rewritten.get("model") != spelled:
+            rewritten = dict(rewritten, model=spelled)
+        if rewritten == body and raw is not None:
+            return raw
+        return json.dumps(rewritten).encode("utf-8")
+
+    async def _runQueued(
+        self,
+        request: IRequest,
+        body: dict | None,
+        resolution: Resolution | None,
+        raw: bytes | None = None,
+    ) -> None:
+        path = request.path
+        family = familyFor(path)
+        requestKinds = kindsFor(path)
+        model = resolution.key if resolution is not None else None
+        if not self.pool.canServe(requestKinds, model):
+            raise self._unavailable(resolution.requested if resolution else "any")
+        who = self.identity.identify(request.requestHeaders, _peerHost(request))
+        job = Job(user=who.user, kinds=requestKinds, model=model)
+        headers = self._backendHeaders(request)
+        lease: Lease = await self.scheduler.enqueue(job)
+        try:
+            while True:
+                backend = lease.backend
+                data = self._bodyFor(backend, body, resolution, path, raw)
+                try:
+                    response = await self.relay.open(backend, request.method, request.uri, headers, data)
+                except BackendUnreachable as e:
+                    self.pool.markOffline(backend, str(e))
+                    lease = await lease.retry()
+                    continue
+                if response.code in FAILOVER_STATUSES:
+                    self.relay.discard(response)
+                    self.pool.markOffline(backend, f"answered {response.code}")
+                    lease = await lease.retry()
+                    continue
+                await self.relay.stream(request, response, family)
+                return
+        finally:
+            lease.release()
+
+    async def _tryInTurn(self, request: IRequest, backends: list[Backend], data: bytes) -> None:
+        """
+        Send an unqueued request to the first of C{backends} that answers, failing over.
+        """
+        headers = self._backendHeaders(request)
+        family = familyFor(request.path)
+        last = "no backend"
+        for backend in backends:
+            try:
+                response = await self.relay.open(backend, request.method, request.uri, headers, data)
+            except BackendUnreachable as e:
+                self.pool.markOffline(backend, str(e))
+                last = str(e)
+                continue
+            if response.code in FAILOVER_STATUSES:
+                self.relay.discard(response)
+                last = f"backend {backend.name} answered {response.code}"
+                continue
+            await self.relay.stream(request, response, family)
+            return
+        raise BadGateway(last, code="backend_failed")
+
+    # --- model management: one named backend, or every online Ollama backend ---
+
+    @app.route("/api/pull", methods=["POST"])
+    @app.route("/api/push", methods=["POST"])
+    @app.route("/api/create", methods=["POST"])
+    @app.route("/api/copy", methods=["POST"])
+    @app.route("/api/delete", methods=["DELETE"])
+    @app.route("/api/blobs/<digest>", methods=["HEAD", "POST"])
+    async def manage(self, request: IRequest, digest: str | None = None) -> bytes | None:
+        """
+        Model management goes to the backend named in C{X-Backend}, or to every online
+        Ollama backend at once (so a pulled model is everywhere). A single target streams
+        as usual. Several targets run concurrently and are answered when all are done: each
+        backend's NDJSON lines tagged with C{"backend"}, or for C{"stream": false}
+        C{{"status", "backends": {name: last answer}}}; the HTTP status is the worst.
+        """
+        self._checkAdmin(request)
+        data = self._readBody(request)
+        named = request.getHeader(b"x-backend")
+        if named is not None:
+            try:
+                target = self.pool.get(named.decode("utf-8", "replace"))
+            except UnknownBackend:
+                raise NotFound(f"no backend named {named.decode('utf-8', 'replace')!r}",
+                               code="unknown_backend") from None
+            await self._tryInTurn(request, [target], data)
+            return None
+        targets = [b for b in self.pool.backends if b.available and b.kind == kinds.OLLAMA]
+        if not targets:
+            raise Unavailable("no Ollama backend online", code="no_backend",
+                              retryAfter=self.config.healthInterval)
+        if len(targets) == 1:
+            await self._tryInTurn(request, targets, data)
+            return None
+        return await self._fanOut(request, targets, data)
+
+    def _checkAdmin(self, request: IRequest) -> None:
+        key = self.config.adminKey
+        if key is None:
+            return
+        given = request.getHeader(b"x-admin-key")
+        if given is None:
+            auth = request.getHeader(b"authorization") or b""
+            given = auth.removeprefix(b"Bearer ").strip() if auth.startswith(b"Bearer ") else None
+        if given is None or given.decode("latin-1") != key:
+            raise Forbidden("this route needs the admin key", code="admin_only")
+
+    async def _fanOut(self, request: IRequest, targets: list[Backend], data: bytes) -> bytes:
+        headers = self._backendHeaders(request)
+
+        async def one(backend: Backend) -> tuple[int, bytes]:
+            try:
+                response = await self.relay.open(backend, request.method, request.uri, headers, data)
+            except BackendUnreachable as e:
+                return 502, json.dumps({"error": str(e)}).encode()
+            content = await treq.content(response)
+            return response.code, content
+
+        results = await DeferredList(
+            [ensureDeferred(one(b)) for b in targets], consumeErrors=True
+        )
+        answers = {}
+        worst = 200
+        lines = []
+        for backend, (ok, result) in zip(targets, results):
+            code, content = result if ok else (502, b"")
+            worst = max(worst, code)
+            decoded = []
+            for line in content.splitlines():
+                try:
+                    decoded.append(json.loads(line))
+                except ValueError:
+                    pass
+            answers[backend.name] = decoded[-1] if decoded else {"status": code}
+            lines.extend(dict(item, backend=backend.name) for item in decoded if isinstance(item, dict))
+        request.setResponseCode(worst)
+        if request.method == b"HEAD":
+            return b""
+        streamed = True
+        try:
+            streamed = json.loads(data or b"{}").get("stream", True) is not False
+        except (ValueError, AttributeError):
+            pass
+        if streamed and lines:
+            request.setHeader(b"content-type", b"application/x-ndjson")
+            return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        status = "success" if worst < 300 else "error"
+        return _jsonResponse(request, {"status": status, "backends": answers}, worst)
+

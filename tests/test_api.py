@@ -1,0 +1,515 @@
+"""
+Tests for L{ollamamq.api}: the whole proxy in memory. Real scheduler, pool, health checker,
+relay and Klein app; simulated backends behind C{StubTreq}; time on a C{task.Clock}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import treq
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from ollamamq.aggregate import Aggregator
+from ollamamq.api import ProxyAPI
+from ollamamq.backends import Backend, BackendPool
+from ollamamq.config import Config, ModelRule, UserConfig
+from ollamamq.health import HealthChecker
+from ollamamq.identity import IdentityResolver
+from ollamamq.models import ModelCatalog
+from ollamamq.relay import Relay
+from ollamamq.scheduler import Scheduler
+from ollamamq.sim.server import Simulator, SimulatorOptions
+
+CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+class HostRouter(Resource):
+    """
+    Several simulated backends behind one StubTreq, told apart by the URL's host.
+    """
+
+    isLeaf = True
+
+    def __init__(self, resources: dict[str, Any]) -> None:
+        super().__init__()
+        self.resources = resources
+
+    def render(self, request: Any) -> Any:
+        return self.resources[request.getRequestHostname().decode()].render(request)
+
+
+class Proxy:
+    """
+    An in-memory proxy in front of simulators, with helpers to drive it.
+    """
+
+    def __init__(self, test: SynchronousTestCase, sims: dict[str, SimulatorOptions],
+                 **configFields: Any) -> None:
+        self.test = test
+        self.clock = Clock()
+        self.sims = {name: Simulator(options, self.clock) for name, options in sims.items()}
+        self.backendHTTP = StubTreq(HostRouter({n: s.resource() for n, s in self.sims.items()}))
+        self.config = Config(**configFields)
+        self.pool = BackendPool(
+            Backend(name=name, url=f"http://{name}", slots=options.slots)
+            for name, options in sims.items()
+        )
+        self.scheduler = Scheduler(self.pool, self.clock, self.config)
+        catalog = ModelCatalog(self.config.models)
+        self.health = HealthChecker(self.pool, self.backendHTTP, self.clock, 10, 5)
+        self.api = ProxyAPI(
+            config=self.config,
+            pool=self.pool,
+            scheduler=self.scheduler,
+            relay=Relay(self.backendHTTP, self.clock, self.config.timeout),
+            identity=IdentityResolver(self.config),
+            catalog=catalog,
+            aggregator=Aggregator(self.pool, self.backendHTTP, self.clock, catalog, 5),
+            clock=self.clock,
+        )
+        self.client = StubTreq(self.api.resource())
+        self.probe()
+
+    def probe(self) -> None:
+        """
+        Run one round of real health probes against the simulators.
+        """
+        d = self.health.probeAll()
+        self.flush()
+        self.test.successResultOf(d)
+
+    def flush(self) -> None:
+        """
+        Move every pending byte through both stubs until nothing moves.
+        """
+        for _ in range(6):
+            self.backendHTTP.flush()
+            self.client.flush()
+
+    def advance(self, seconds: float, steps: int = 1) -> None:
+        """
+        Let simulated time pass, flushing after each step.
+        """
+        for _ in range(steps):
+            self.clock.advance(seconds / steps)
+            self.flush()
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict | None = None,
+                raw: bytes | None = None) -> Any:
+        """
+        Start a request; return its (unfired until headers arrive) Deferred.
+        """
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        d = self.client.request(method, "http://proxy" + path, data=data,
+                                headers=headers or {}, unbuffered=True)
+        self.flush()
+        return d
+
+    def complete(self, method: str, path: str, body: Any = None, headers: dict | None = None,
+                 raw: bytes | None = None, seconds: float = 30) -> tuple[Any, bytes]:
+        """
+        Run a request to the end (advancing time); return (response, body).
+        """
+        d = self.request(method, path, body, headers, raw)
+        self.advance(seconds, steps=300)
+        response = self.test.successResultOf(d)
+        content = treq.content(response)
+        self.flush()
+        return response, self.test.successResultOf(content)
+
+
+def sim(**kwargs: Any) -> SimulatorOptions:
+    """
+    Simulator options with quick defaults for tests.
+    """
+    kwargs.setdefault("models", ("llama3:latest", "nomic-embed-text:latest"))
+    kwargs.setdefault("tps", 10)
+    kwargs.setdefault("tokens", 5)
+    return SimulatorOptions(**kwargs)
+
+
+class LocalRouteTests(SynchronousTestCase):
+    """
+    Routes the proxy answers itself.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+
+    def test_root(self) -> None:
+        """
+        C{/} answers like Ollama, so clients probing for a server are satisfied.
+        """
+        response, body = self.proxy.complete("GET", "/")
+        self.assertEqual((response.code, body), (200, b"Ollama is running"))
+
+    def test_health(self) -> None:
+        """
+        C{/health} counts online backends; 503 once none is online.
+        """
+        response, body = self.proxy.complete("GET", "/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["backends"], {"online": 1, "total": 1})
+        self.proxy.pool.markOffline(self.proxy.pool.get("gpu1"), "test")
+        response, body = self.proxy.complete("GET", "/health")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(json.loads(body)["status"], "down")
+
+    def test_status(self) -> None:
+        """
+        C{/proxy/status} has backends, users and queue totals in the documented shape.
+        """
+        self.proxy.complete("POST", "/api/chat", CHAT, {"X-User-ID": "alice"})
+        response, body = self.proxy.complete("GET", "/proxy/status")
+        status = json.loads(body)
+        self.assertEqual(status["backends"][0]["name"], "gpu1")
+        self.assertTrue(status["backends"][0]["online"])
+        self.assertEqual(status["backends"][0]["kind"], "ollama")
+        alice = [u for u in status["users"] if u["id"] == "alice"]
+        self.assertEqual(alice[0]["served"], 1)
+        self.assertEqual((status["queued"], status["active"]), (0, 0))
+
+    def test_unknownRoute(self) -> None:
+        """
+        Unknown paths get a shaped 404 unless C{--allow-all-routes}.
+        """
+        response, body = self.proxy.complete("POST", "/api/nonsense", {"model": "llama3"})
+        self.assertEqual(response.code, 404)
+        self.assertIn("no route", json.loads(body)["error"])
+        response, body = self.proxy.complete("GET", "/v1/nonsense")
+        self.assertEqual(json.loads(body)["error"]["code"], "unknown_route")
+
+
+class QueuedRouteTests(SynchronousTestCase):
+    """
+    Generation and embedding routes: scheduled, relayed, streamed.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+
+    def test_chatStreamsIncrementally(self) -> None:
+        """
+        NDJSON lines reach the client one token at a time, before the stream ends.
+        """
+        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1", tokens=20)})
+        d = self.proxy.request("POST", "/api/chat", CHAT, {"X-User-ID": "alice"})
+        self.proxy.advance(0.1)
+        response = self.successResultOf(d)
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        seen = []
+        for _ in range(5):
+            self.proxy.advance(0.1)
+            seen.append(b"".join(chunks).count(b"\n"))
+        self.assertNoResult(done)
+        self.proxy.advance(3, steps=30)
+        self.successResultOf(done)
+        # Lines kept arriving, about one per tenth of a second, while the stream ran.
+        self.assertEqual(seen, sorted(seen))
+        self.assertGreaterEqual(seen[-1] - seen[0], 3)
+        lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
+        self.assertTrue(lines[-1]["done"])
+        self.assertEqual(lines[-1]["eval_count"], 20)
+
+    def test_headersBothWays(self) -> None:
+        """
+        The client's X-User-ID reaches the backend; the backend's headers reach the client.
+        """
+        response, body = self.proxy.complete("POST", "/api/generate",
+                                             {"model": "llama3", "prompt": "hi", "stream": False},
+                                             {"X-User-ID": "alice", "X-Trace": "t1"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"x-sim-backend"), [b"gpu1"])
+        entry = self.proxy.sims["gpu1"].stats["log"][-1]
+        self.assertEqual(entry["user"], "alice")
+        self.assertEqual(entry["headers"]["x-trace"], "t1")
+
+    def test_openaiStream(self) -> None:
+        """
+        An OpenAI SSE stream is relayed as is, ending with C{[DONE]}.
+        """
+        response, body = self.proxy.complete(
+            "POST", "/v1/chat/completions", dict(CHAT, stream=True)
+        )
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"))
+
+    def test_embeddings(self) -> None:
+        """
+        Embedding routes are queued and answered.
+        """
+        response, body = self.proxy.complete("POST", "/api/embed",
+                                             {"model": "nomic-embed-text", "input": "x"})
+        self.assertEqual(len(json.loads(body)["embeddings"]), 1)
+        response, body = self.proxy.complete("POST", "/v1/embeddings",
+                                             {"model": "nomic-embed-text", "input": "x"})
+        self.assertEqual(json.loads(body)["object"], "list")
+
+    def test_disconnectWhileQueued(self) -> None:
+        """
+        A client that hangs up while queued leaves the queue; the backend never sees it.
+        """
+        first = self.proxy.request("POST", "/api/chat", CHAT, {"X-User-ID": "a"})
+        second = self.proxy.request("POST", "/api/chat", CHAT, {"X-User-ID": "b"})
+        self.assertEqual(self.proxy.scheduler.queued, 1)
+        second.cancel()
+        self.proxy.flush()
+        self.assertEqual(self.proxy.scheduler.queued, 0)
+        self.proxy.advance(5, steps=50)
+        self.successResultOf(first)
+        self.proxy.advance(5, steps=50)
+        self.assertEqual(self.proxy.sims["gpu1"].stats["requests"], 1)
+        self.assertEqual(self.proxy.scheduler.active, 0)
+        self.flushLoggedErrors()
+
+
+class BadInputTests(SynchronousTestCase):
+    """
+    Every bad input gets its status and its family's error shape, and loses nothing else.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1")}, maxBodyBytes=2000,
+                           maxQueuedPerUser=1)
+
+    def error(self, path: str, body: Any = None, raw: bytes | None = None,
+              headers: dict | None = None) -> tuple[int, Any, Any]:
+        """
+        Send a request expected to fail; return (status, parsed body, response).
+        """
+        response, content = self.proxy.complete("POST", path, body, headers, raw)
+        return response.code, json.loads(content), response
+
+    def test_malformedJSON(self) -> None:
+        """
+        Malformed JSON is a 400 in each family's shape.
+        """
+        code, body, _ = self.error("/api/chat", raw=b"{nope")
+        self.assertEqual(code, 400)
+        self.assertIn("not valid JSON", body["error"])
+        code, body, _ = self.error("/v1/chat/completions", raw=b"[1, 2]")
+        self.assertEqual((code, body["error"]["type"]), (400, "invalid_request_error"))
+        code, body, _ = self.error("/v1/messages", raw=b"")
+        self.assertEqual((code, body["type"], body["error"]["type"]),
+                         (400, "error", "invalid_request_error"))
+
+    def test_missingModel(self) -> None:
+        """
+        A generation request without a model is a 400 naming the field.
+        """
+        code, body, _ = self.error("/api/generate", {"prompt": "hi"})
+        self.assertEqual(code, 400)
+        self.assertIn("missing model", body["error"])
+        code, body, _ = self.error("/v1/chat/completions", {"model": 3, "messages": []})
+        self.assertEqual(body["error"]["code"], "missing_model")
+
+    def test_unknownModel(self) -> None:
+        """
+        A model no backend has is a 404.
+        """
+        code, body, _ = self.error("/api/chat", dict(CHAT, model="llama3:70b"))
+        self.assertEqual(code, 404)
+        code, body, _ = self.error("/v1/chat/completions", dict(CHAT, model="gpt-5"))
+        self.assertEqual((code, body["error"]["code"]), (404, "model_not_found"))
+
+    def test_bodyTooLarge(self) -> None:
+        """
+        A body over C{max_body_bytes} is a 413.
+        """
+        code, body, _ = self.error("/api/chat", raw=b"x" * 3000)
+        self.assertEqual(code, 413)
+
+    def test_userQueueFull(self) -> None:
+        """
+        Beyond C{max_queued_per_user}, a 429 with Retry-After; others still get through.
+        """
+        running = self.proxy.request("POST", "/api/chat", CHAT, {"X-User-ID": "a"})
+        queued = self.proxy.request("POST", "/api/chat", CHAT, {"X-User-ID": "a"})
+        refused = self.proxy.request("POST", "/v1/chat/completions", CHAT, {"X-User-ID": "a"})
+        other = self.proxy.request("POST", "/api/chat", CHAT, {"X-User-ID": "b"})
+        response = self.successResultOf(refused)
+        self.assertEqual(response.code, 429)
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        content = treq.content(response)
+        self.proxy.flush()
+        self.assertEqual(json.loads(self.successResultOf(content))["error"]["type"], "rate_limit_error")
+        self.proxy.advance(10, steps=100)
+        for d in (running, queued, other):
+            self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_noBackendOnline(self) -> None:
+        """
+        A known model whose backends are all offline is a 503 with Retry-After.
+        """
+        self.proxy.pool.markOffline(self.proxy.pool.get("gpu1"), "test")
+        code, body, response = self.error("/api/chat", CHAT)
+        self.assertEqual(code, 503)
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+
+    def test_timeoutBeforeFirstByte(self) -> None:
+        """
+        A backend silent for the idle timeout before answering is a 504.
+        """
+        proxy = Proxy(self, {"slow": sim(name="slow", loadDelay=100)}, timeout=5.0)
+        response, content = proxy.complete("POST", "/api/chat", CHAT, seconds=10)
+        self.assertEqual(response.code, 504)
+        self.assertIn("sent nothing for 5s", json.loads(content)["error"])
+
+
+class FailoverTests(SynchronousTestCase):
+    """
+    A backend that fails before the first byte hands the request to another.
+    """
+
+    def failing(self, proxy: Proxy, name: str, status: int | None = 503) -> None:
+        """
+        Make simulator C{name} answer every generation with C{status} (L{None}: normally).
+        """
+        proxy.sims[name].failStatus = status
+
+    def test_failoverToOtherBackend(self) -> None:
+        """
+        A 503 from one backend sends the request to the other; the first is marked offline.
+        """
+        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")})
+        self.failing(proxy, "a")
+        self.failing(proxy, "b", None)
+        codes = [proxy.complete("POST", "/api/chat", CHAT)[0].code for _ in range(2)]
+        self.assertEqual(codes, [200, 200])
+        self.assertEqual(proxy.sims["b"].stats["completed"], 2)
+        self.assertFalse(proxy.pool.get("a").online)
+        self.assertTrue(proxy.pool.get("b").online)
+        self.assertEqual(proxy.scheduler.active, 0)
+
+    def test_noOtherBackend(self) -> None:
+        """
+        When no other backend is left the client gets a 502.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")})
+        self.failing(proxy, "a")
+        response, content = proxy.complete("POST", "/api/chat", CHAT)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(proxy.scheduler.active, 0)
+
+    def test_internalErrorRelayed(self) -> None:
+        """
+        A 500 is the backend's own answer and reaches the client as is.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")})
+        self.failing(proxy, "a", 500)
+        response, content = proxy.complete("POST", "/api/chat", CHAT)
+        self.assertEqual(response.code, 500)
+        self.assertTrue(proxy.pool.get("a").online)
+
+
+class ModelRuleTests(SynchronousTestCase):
+    """
+    Aliases and per-model rewriting reach the backend.
+    """
+
+    def test_aliasAndRewrite(self) -> None:
+        """
+        An alias is rewritten to the concrete model; num_ctx and keep_alive are filled in.
+        """
+        rules = {"llama3:latest": ModelRule(name="llama3:latest", aliases=("gpt-4o-mini",),
+                                            keepAlive="30m", numCtx=8192)}
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")}, models=rules)
+        response, body = proxy.complete("POST", "/api/chat", dict(CHAT, model="GPT-4o-mini"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(proxy.sims["gpu1"].stats["log"][-1]["model"], "llama3:latest")
+
+
+class CredentialTests(SynchronousTestCase):
+    """
+    The proxy's own keys stay with the proxy.
+    """
+
+    def test_proxyKeyNotForwarded(self) -> None:
+        """
+        A configured bearer key identifies the user and is not sent on; other bearer
+        tokens (meant for the backend) are.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")},
+                      users={"alice": UserConfig(keys=("sk-alice",))})
+        proxy.complete("POST", "/api/chat", CHAT, {"Authorization": "Bearer sk-alice"})
+        entry = proxy.sims["gpu1"].stats["log"][-1]
+        self.assertNotIn("authorization", entry["headers"])
+        users = {u["id"]: u for u in proxy.scheduler.snapshot()}
+        self.assertEqual(users["alice"]["served"], 1)
+        proxy.complete("POST", "/api/chat", CHAT, {"Authorization": "Bearer sk-backend"})
+        self.assertEqual(proxy.sims["gpu1"].stats["log"][-1]["headers"]["authorization"],
+                         "Bearer sk-backend")
+
+
+class ManagementTests(SynchronousTestCase):
+    """
+    Model management routes: admin key, X-Backend, fan-out.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")}, adminKey="k")
+
+    def test_needsAdminKey(self) -> None:
+        """
+        Without the admin key model management is forbidden.
+        """
+        response, body = self.proxy.complete("POST", "/api/pull", {"model": "x"})
+        self.assertEqual(response.code, 403)
+
+    def test_unknownBackend(self) -> None:
+        """
+        An unknown X-Backend is a 404.
+        """
+        response, body = self.proxy.complete("POST", "/api/copy", {"source": "a", "destination": "b"},
+                                             {"X-Admin-Key": "k", "X-Backend": "zzz"})
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body)["error"], "no backend named 'zzz'")
+
+
+class ShowAndAggregateTests(SynchronousTestCase):
+    """
+    Routes answered without queueing.
+    """
+
+    def test_showWhileBusy(self) -> None:
+        """
+        C{/api/show} and C{/api/tags} answer while every slot is busy.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1", tokens=1000)})
+        busy = proxy.request("POST", "/api/chat", CHAT)
+        proxy.advance(0.5, steps=5)
+        response, body = proxy.complete("POST", "/api/show", {"model": "llama3"}, seconds=0.1)
+        self.assertEqual(response.code, 200)
+        self.assertIn("details", json.loads(body))
+        response, body = proxy.complete("GET", "/api/tags", seconds=0.1)
+        names = [m["name"] for m in json.loads(body)["models"]]
+        self.assertIn("llama3:latest", names)
+        busy.cancel()
+        proxy.flush()
+        self.flushLoggedErrors()
+
+
+class AllRoutesTests(SynchronousTestCase):
+    """
+    C{--allow-all-routes} proxies unknown paths.
+    """
+
+    def test_unknownPathProxied(self) -> None:
+        """
+        With the option, an unknown path reaches a backend (which answers it).
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")}, allowAllRoutes=True)
+        response, body = proxy.complete("GET", "/api/version/extra")
+        self.assertEqual(response.headers.getRawHeaders(b"x-sim-backend"), [b"gpu1"])
+        response, body = proxy.complete("POST", "/api/custom", {"model": "llama3"})
+        self.assertEqual(response.headers.getRawHeaders(b"x-sim-backend"), [b"gpu1"])
+        response, body = proxy.complete("POST", "/api/custom", {"model": "nope"})
+        self.assertEqual(response.code, 404)
+        self.assertIsNone(response.headers.getRawHeaders(b"x-sim-backend"))
