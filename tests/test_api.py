@@ -261,6 +261,7 @@ class QueuedRouteTests(SynchronousTestCase):
         self.assertEqual(self.proxy.scheduler.queued, 1)
         second.cancel()
         self.proxy.flush()
+        self.failureResultOf(second)
         self.assertEqual(self.proxy.scheduler.queued, 0)
         self.proxy.advance(5, steps=50)
         self.successResultOf(first)
