@@ -1,0 +1,1363 @@
+# -*- test-case-name: tests.test_scheduler -*-
+"""
+Tests for L{ollamamq.scheduler}: fair share, priorities, FIFO, admission, cancellation,
+retries, pool changes, forgetting idle users and reentrancy, on real L{Backend}s in a
+real L{BackendPool} and a L{task.Clock}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from ollamamq.backends import OLLAMA, OPENAI, Backend, BackendPool
+from ollamamq.config import Config, UserConfig
+from ollamamq.errors import BadGateway, TooManyRequests, Unavailable
+from ollamamq.scheduler import Job, Lease, Scheduler
+
+API = frozenset({OLLAMA})
+V1 = frozenset({OLLAMA, OPENAI})
+
+
+def onlineBackend(
+    pool: BackendPool,
+    name: str,
+    slots: int = 1,
+    models: Iterable[str] = ("m",),
+    kind: str = OLLAMA,
+) -> Backend:
+    """
+    Add a backend to C{pool} and mark it online with C{models}.
+    """
+    backend = pool.add(Backend(name=name, url=f"http://{name}", slots=slots))
+    pool.markOnline(backend, kind, list(models))
+    return backend
+
+
+def job(user: str, model: str | None = "m:latest", kinds: frozenset[str] = API) -> Job:
+    """
+    A job for C{user}; C{"m:latest"} is the canonical key of the model C{"m"}.
+    """
+    return Job(user=user, kinds=kinds, model=model)
+
+
+class Harness:
+    """
+    A scheduler on a pool and a clock, recording which requests were granted, in order.
+
+    @ivar grants: C{(label, lease)} in the order leases were delivered.
+    @ivar failures: label -> the Failure a request ended with.
+    """
+
+    def __init__(self, pool: BackendPool | None = None, **configFields: object) -> None:
+        """
+        @param pool: the pool to use (a new, empty one by default).
+        @param configFields: L{Config} fields.
+        """
+        self.clock = task.Clock()
+        self.pool = pool if pool is not None else BackendPool()
+        self.config = Config(**configFields)  # type: ignore[arg-type]
+        self.scheduler = Scheduler(self.pool, self.clock, self.config)
+        self.grants: list[tuple[str, Lease]] = []
+        self.failures: dict[str, Failure] = {}
+
+    def submit(self, label: str, j: Job) -> Deferred[Lease]:
+        """
+        Enqueue C{j}, recording its outcome under C{label}.
+        """
+        d = self.scheduler.enqueue(j)
+        self.track(label, d)
+        return d
+
+    def track(self, label: str, d: Deferred[Lease]) -> None:
+        """
+        Record the outcome of C{d} under C{label}.
+        """
+
+        def granted(lease: Lease) -> Lease:
+            """
+            Record a delivered lease.
+            """
+            self.grants.append((label, lease))
+            return lease
+
+        def failed(f: Failure) -> None:
+            """
+            Record (and handle) a failure.
+            """
+            self.failures[label] = f
+
+        d.addCallbacks(granted, failed)
+
+    def labels(self) -> list[str]:
+        """
+        The labels of the granted requests, in grant order.
+        """
+        return [label for label, _ in self.grants]
+
+    def releaseNext(self) -> None:
+        """
+        Release the oldest lease still held.
+        """
+        for _, lease in self.grants:
+            if not lease._finished:
+                lease.release()
+                return
+        raise AssertionError("no lease held")
+
+    def drain(self, count: int) -> None:
+        """
+        Release the oldest held lease C{count} times.
+        """
+        for _ in range(count):
+            self.releaseNext()
+
+
+class FairnessTests(SynchronousTestCase):
+    """
+    Who goes next under contention.
+    """
+
+    def setUp(self) -> None:
+        """
+        One backend with one slot.
+        """
+        self.h = Harness(
+            users={
+                "vip1": UserConfig(priority="vip"),
+                "vip2": UserConfig(priority="vip"),
+                "boosted": UserConfig(priority="boost"),
+                "heavy": UserConfig(weight=3),
+            },
+            maxQueuedPerUser=1000,
+        )
+        self.backend = onlineBackend(self.h.pool, "b1")
+
+    def test_newcomerServedNext(self) -> None:
+        """
+        With one slot, user A queues 8 requests and then user B queues 1: B's request is
+        the second one dispatched, not the ninth.
+        """
+        for i in range(8):
+            self.h.submit(f"a{i}", job("a"))
+        self.h.submit("b0", job("b"))
+        self.h.drain(8)
+        self.assertEqual(self.h.labels()[:3], ["a0", "b0", "a1"])
+        self.assertEqual(len(self.h.grants), 9)
+
+    def test_newcomerAfterLongBacklog(self) -> None:
+        """
+        A user arriving after another has already been served 50 times is served next:
+        idle time neither banks credit nor costs a place.
+        """
+        for i in range(100):
+            self.h.submit(f"a{i}", job("a"))
+        self.h.drain(50)
+        self.h.submit("b0", job("b"))
+        self.h.drain(2)
+        self.assertEqual(self.h.labels()[50:53], ["a50", "b0", "a51"])
+
+    def test_equalUsersAlternate(self) -> None:
+        """
+        Two users with equal policy and full queues take turns.
+        """
+        for i in range(5):
+            self.h.submit(f"a{i}", job("a"))
+        for i in range(5):
+            self.h.submit(f"b{i}", job("b"))
+        self.h.drain(9)
+        self.assertEqual(
+            self.h.labels(), ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4"]
+        )
+
+    def test_vipJumpsAhead(self) -> None:
+        """
+        A VIP request goes before every queued non-VIP request, however old.
+        """
+        self.h.submit("a0", job("a"))
+        for i in range(1, 5):
+            self.h.submit(f"a{i}", job("a"))
+            self.h.submit(f"b{i}", job("b"))
+        self.h.submit("v0", job("vip1"))
+        self.h.drain(1)
+        self.assertEqual(self.h.labels(), ["a0", "v0"])
+
+    def test_vipsAlternate(self) -> None:
+        """
+        VIPs share fairly among themselves, and all of them go before normal users.
+        """
+        self.h.submit("n0", job("n"))
+        for i in range(3):
+            self.h.submit(f"x{i}", job("vip1"))
+        for i in range(3):
+            self.h.submit(f"y{i}", job("vip2"))
+        self.h.submit("n1", job("n"))
+        self.h.drain(7)
+        self.assertEqual(
+            self.h.labels(), ["n0", "x0", "y0", "x1", "y1", "x2", "y2", "n1"]
+        )
+
+    def keepBacklogged(self, users: dict[str, int], dispatches: int) -> Counter[str]:
+        """
+        Keep every user in C{users} backlogged with C{users[u]} queued requests and run
+        C{dispatches} dispatches through the one slot.
+
+        @return: dispatches per user, after each step checked by C{check}.
+        """
+        counts: Counter[str] = Counter()
+        self.prefixes: list[Counter[str]] = []
+
+        def refill(lease: Lease) -> Lease:
+            """
+            Count a dispatch, hold its lease, and queue the user's next request.
+            """
+            counts[lease.job.user] += 1
+            self.prefixes.append(Counter(counts))
+            d = self.h.scheduler.enqueue(job(lease.job.user))
+            d.addCallback(refill)
+            self.held.append(lease)
+            return lease
+
+        self.held: list[Lease] = []
+        for user, depth in users.items():
+            for _ in range(depth):
+                self.h.scheduler.enqueue(job(user)).addCallback(refill)
+        while len(self.prefixes) < dispatches:
+            self.held.pop(0).release()
+        return counts
+
+    def test_boostTwoToOne(self) -> None:
+        """
+        Under contention a C{boost} user gets two dispatches for each one of a normal user.
+        """
+        self.keepBacklogged({"boosted": 5, "plain": 5}, 300)
+        for n, prefix in enumerate(self.prefixes, 1):
+            self.assertLessEqual(abs(prefix["boosted"] - n * 2 / 3), 1.5, (n, prefix))
+        self.assertEqual(self.prefixes[299]["boosted"], 200)
+
+    def test_weightsOneToThree(self) -> None:
+        """
+        Weights 1 and 3 share 1:3 over 400 dispatches, and never drift more than one
+        dispatch from the exact share at any point.
+        """
+        self.keepBacklogged({"plain": 5, "heavy": 5}, 400)
+        for n, prefix in enumerate(self.prefixes, 1):
+            self.assertLessEqual(abs(prefix["heavy"] - n * 3 / 4), 1, (n, prefix))
+        self.assertEqual(self.prefixes[399], Counter({"heavy": 300, "plain": 100}))
+
+
+class OrderTests(SynchronousTestCase):
+    """
+    Per-user FIFO, per model.
+    """
+
+    def test_fifoPerUser(self) -> None:
+        """
+        One user's requests are dispatched in the order they arrived.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1", slots=2)
+        for i in range(10):
+            h.submit(f"a{i}", job("a"))
+        h.drain(8)
+        self.assertEqual(h.labels(), [f"a{i}" for i in range(10)])
+
+    def test_perModelIndependence(self) -> None:
+        """
+        A user's request for a model whose backend is busy does not hold up the same
+        user's later request for a model with a free backend.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1", models=["m1"])
+        b2 = onlineBackend(h.pool, "b2", models=["m2"])
+        h.submit("other", job("other", "m1:latest"))
+        h.submit("a-m1", job("a", "m1:latest"))
+        h.submit("a-m2", job("a", "m2:latest"))
+        self.assertEqual(h.labels(), ["other", "a-m2"])
+        self.assertEqual((b1.active, b2.active), (1, 1))
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["other", "a-m2", "a-m1"])
+
+    def test_oldestFirstAmongServable(self) -> None:
+        """
+        When one free slot can serve several of a user's requests (here, for different
+        models on one backend), the oldest goes first.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1", models=["m1", "m2"])
+        h.submit("busy", job("x", "m1:latest"))
+        h.submit("a-m2", job("a", "m2:latest"))
+        h.submit("a-m1", job("a", "m1:latest"))
+        h.drain(2)
+        self.assertEqual(h.labels(), ["busy", "a-m2", "a-m1"])
+
+    def test_manyClasses(self) -> None:
+        """
+        With more classes queued than a free backend has models, the backend finds the
+        classes it serves through the per-model index, and still takes the lowest counter.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1", models=["m1"])
+        onlineBackend(h.pool, "b2", models=["m2", "m3", "m4"])
+        h.submit("busy1", job("x", "m1:latest"))
+        h.submit("busy2", job("x", "m2:latest"))
+        for model in ("m2", "m3", "m4"):
+            h.submit(f"y-{model}", job("y", f"{model}:latest"))
+        h.submit("a-m1", job("a", "m1:latest"))
+        h.submit("x-m1", job("x", "m1:latest"))
+        h.submit("y-m1", job("y", "m1:latest", V1))
+        self.assertGreater(len(h.scheduler._classes), len(b1.models) + 1)
+        h.grants[0][1].release()
+        h.grants[-1][1].release()
+        self.assertEqual(h.labels()[2:], ["a-m1", "y-m1"])
+
+    def test_anyModelAndKinds(self) -> None:
+        """
+        A job without a model goes to any backend of a fitting kind; an C{/api/*} job never
+        goes to an OpenAI-only backend.
+        """
+        h = Harness()
+        openai = onlineBackend(h.pool, "oa", models=["m"], kind=OPENAI)
+        h.submit("v1", job("a", None, V1))
+        self.assertIs(h.grants[0][1].backend, openai)
+        d = h.scheduler.enqueue(job("a", "m:latest", API))
+        self.failureResultOf(d, Unavailable)
+
+    def test_leaseRecordsWait(self) -> None:
+        """
+        A lease says how long its request was queued, in clock time.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.clock.advance(7)
+        h.releaseNext()
+        self.assertEqual([lease.waited for _, lease in h.grants], [0, 7])
+
+
+class CancelTests(SynchronousTestCase):
+    """
+    A client that disconnects while queued leaves the queue at once.
+    """
+
+    def test_cancelWhileQueued(self) -> None:
+        """
+        A cancelled request is never given a slot, the counts drop at once, and nothing is
+        logged.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        gone = h.scheduler.enqueue(job("a"))
+        h.submit("a2", job("a"))
+        self.assertEqual((h.scheduler.queued, h.scheduler.active), (2, 1))
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.assertEqual((h.scheduler.queued, h.scheduler.active), (1, 1))
+        self.assertEqual(h.scheduler.snapshot()[0]["queued"], 1)
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "a2"])
+        self.assertEqual(b1.active, 1)
+        h.releaseNext()
+        self.assertEqual((h.scheduler.queued, h.scheduler.active, b1.active), (0, 0, 0))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_cancelHeadOfOtherUser(self) -> None:
+        """
+        Cancelling a user's only request takes that user out of contention.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        b = h.scheduler.enqueue(job("b"))
+        h.submit("c0", job("c"))
+        b.cancel()
+        self.failureResultOf(b, CancelledError)
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "c0"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_manyCancelsCompact(self) -> None:
+        """
+        A queue whose head never moves does not keep every cancelled request: memory stays
+        proportional to what is queued.
+        """
+        h = Harness(maxQueuedPerUser=5)
+        onlineBackend(h.pool, "b1", models=["m1", "m2"])
+        h.submit("busy", job("x", "m1:latest"))
+        h.submit("a-first", job("a", "m1:latest"))
+        for _ in range(1000):
+            d = h.scheduler.enqueue(job("a", "m1:latest"))
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        h.submit("a-last", job("a", "m1:latest"))
+        queues = h.scheduler._users["a"].queues
+        self.assertLessEqual(sum(len(q.tickets) for q in queues.values()), 20)
+        h.drain(2)
+        self.assertEqual(h.labels(), ["busy", "a-first", "a-last"])
+
+    def test_cancelAfterGrantIsNoop(self) -> None:
+        """
+        Cancelling a Deferred that already delivered its lease changes nothing; the lease
+        still has to be released.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1")
+        d = h.scheduler.enqueue(job("a"))
+        lease = self.successResultOf(d)
+        d.cancel()
+        self.assertEqual(b1.active, 1)
+        lease.release()
+        lease.release()
+        self.assertEqual((b1.active, h.scheduler.active), (0, 0))
+
+
+class AdmissionTests(SynchronousTestCase):
+    """
+    Immediate refusals: 429, 503 and shutdown; queue timeouts.
+    """
+
+    def test_userQueueFull(self) -> None:
+        """
+        Beyond C{maxQueuedPerUser} queued requests the user gets 429 with a Retry-After of
+        at least a second; other users are unaffected.
+        """
+        h = Harness(maxQueuedPerUser=2)
+        onlineBackend(h.pool, "b1")
+        for i in range(3):
+            h.submit(f"a{i}", job("a"))
+        f = self.failureResultOf(h.scheduler.enqueue(job("a")), TooManyRequests)
+        self.assertEqual(f.value.status, 429)
+        self.assertGreaterEqual(f.value.retryAfter, 1)
+        h.submit("b0", job("b"))
+        self.assertNotIn("b0", h.failures)
+
+    def test_userRetryAfterEstimate(self) -> None:
+        """
+        The 429 Retry-After grows with the mean lease duration and the number of
+        backlogged users sharing the slots.
+        """
+        h = Harness(maxQueuedPerUser=1)
+        onlineBackend(h.pool, "b1")
+        h.submit("x", job("x"))
+        h.clock.advance(10)
+        h.releaseNext()
+        h.submit("x2", job("x"))
+        h.submit("a", job("a"))
+        h.submit("b", job("b"))
+        f = self.failureResultOf(h.scheduler.enqueue(job("a")), TooManyRequests)
+        # Mean lease 10 s, two users backlogged, one slot.
+        self.assertEqual(f.value.retryAfter, 20)
+
+    def test_configuredUserLimit(self) -> None:
+        """
+        A configured user's C{max_queued} overrides the server-wide limit.
+        """
+        h = Harness(maxQueuedPerUser=10, users={"a": UserConfig(maxQueued=1)})
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        self.failureResultOf(h.scheduler.enqueue(job("a")), TooManyRequests)
+
+    def test_totalQueueFull(self) -> None:
+        """
+        Beyond C{maxQueuedTotal} queued requests everyone gets 503 with a Retry-After.
+        """
+        h = Harness(maxQueuedTotal=2, healthInterval=7)
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.submit("b0", job("b"))
+        f = self.failureResultOf(h.scheduler.enqueue(job("c")), Unavailable)
+        self.assertEqual((f.value.status, f.value.retryAfter), (503, 7))
+
+    def test_noBackendForModel(self) -> None:
+        """
+        A request no available backend serves is refused with 503 at once, naming the
+        model.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        f = self.failureResultOf(h.scheduler.enqueue(job("a", "other:latest")), Unavailable)
+        self.assertIn("other:latest", f.value.message)
+        self.assertIsNotNone(f.value.retryAfter)
+        self.assertEqual(h.scheduler.snapshot(), [])
+
+    def test_queueTimeout(self) -> None:
+        """
+        A request queued longer than C{queueTimeout} fails with 503 and a Retry-After; the
+        ones behind it keep their own deadlines.
+        """
+        h = Harness(queueTimeout=30)
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.clock.advance(10)
+        h.submit("a2", job("a"))
+        h.clock.advance(20)
+        self.assertEqual(sorted(h.failures), ["a1"])
+        h.failures["a1"].trap(Unavailable)
+        self.assertEqual(h.scheduler.queued, 1)
+        h.clock.advance(9)
+        self.assertEqual(sorted(h.failures), ["a1"])
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "a2"])
+        h.clock.advance(100)
+        self.assertEqual(sorted(h.failures), ["a1"])
+        self.assertIsNotNone(h.failures["a1"].value.retryAfter)
+
+    def test_noTimeoutByDefault(self) -> None:
+        """
+        Without C{queueTimeout} a request waits as long as it takes.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.clock.advance(10**6)
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "a1"])
+
+    def test_stop(self) -> None:
+        """
+        C{stop} fails every queued request and refuses new ones with 503 "shutting down";
+        running leases still release cleanly.
+        """
+        h = Harness(queueTimeout=5)
+        b1 = onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.scheduler.stop()
+        self.assertEqual(h.failures["a1"].value.message, "shutting down")
+        f = self.failureResultOf(h.scheduler.enqueue(job("b")), Unavailable)
+        self.assertEqual(f.value.message, "shutting down")
+        h.releaseNext()
+        self.assertEqual((h.scheduler.queued, h.scheduler.active, b1.active), (0, 0, 0))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.scheduler.stop()
+
+
+class RetryTests(SynchronousTestCase):
+    """
+    A backend that fails before the first byte: the request goes to another one.
+    """
+
+    def setUp(self) -> None:
+        """
+        Two backends with one slot each serving the same model.
+        """
+        self.h = Harness()
+        self.b1 = onlineBackend(self.h.pool, "b1")
+        self.b2 = onlineBackend(self.h.pool, "b2")
+
+    def failBackend(self, lease: Lease) -> Deferred[Lease]:
+        """
+        What the relay does when C{lease}'s backend fails before the first byte.
+        """
+        self.h.pool.markOffline(lease.backend, "connection refused")
+        return lease.retry()
+
+    def test_failover(self) -> None:
+        """
+        A retried request goes to another backend at once when one has a free slot.
+        """
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        failed = lease.backend
+        second = self.successResultOf(self.failBackend(lease))
+        self.assertIsNot(second.backend, failed)
+        self.assertEqual((failed.active, second.backend.active), (0, 1))
+        self.assertEqual(self.h.scheduler.snapshot()[0]["served"], 1)
+
+    def test_notChargedAndAhead(self) -> None:
+        """
+        A retried request is not charged to its user and goes back ahead of the user's
+        later requests and of users that would otherwise be next.
+        """
+        self.h.submit("a0", job("a"))
+        self.h.submit("b0", job("b"))
+        self.h.submit("a1", job("a"))
+        self.h.submit("b1", job("b"))
+        (_, a0), (_, b0) = self.h.grants
+        self.h.track("a0-retry", self.failBackend(a0))
+        self.assertEqual(self.h.scheduler.queued, 3)
+        b0.release()
+        # a0's retry beats both b1 (A is refunded, so below B) and a1 (older).
+        self.assertEqual(self.h.labels()[2:], ["a0-retry"])
+        self.assertIs(self.h.grants[2][1].backend, b0.backend)
+        self.assertEqual(self.h.grants[2][1].job, job("a"))
+        served = {u["id"]: u["served"] for u in self.h.scheduler.snapshot()}
+        self.assertEqual(served, {"a": 1, "b": 1})
+
+    def test_badGatewayWhenNoneLeft(self) -> None:
+        """
+        When every backend serving the request has been tried, the retry fails with 502,
+        even when a tried one is back online.
+        """
+        first = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        second = self.successResultOf(self.failBackend(first))
+        self.h.pool.markOnline(first.backend, OLLAMA, ["m"])
+        f = self.failureResultOf(self.failBackend(second), BadGateway)
+        self.assertEqual(f.value.status, 502)
+        self.assertEqual((self.b1.active, self.b2.active, self.h.scheduler.active), (0, 0, 0))
+        self.assertEqual(self.h.scheduler.snapshot()[0]["served"], 0)
+
+    def test_retryWaitsThenLosesBackend(self) -> None:
+        """
+        A retried request waiting for a busy backend fails with 502 when that backend goes
+        away too.
+        """
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        self.h.submit("b0", job("b"))
+        retried = self.failBackend(lease)
+        self.assertNoResult(retried)
+        self.h.pool.markOffline(self.h.grants[0][1].backend, "gone")
+        self.failureResultOf(retried, BadGateway)
+
+    def test_cancelRetried(self) -> None:
+        """
+        Cancelling a queued retry removes it like any queued request.
+        """
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        self.h.submit("b0", job("b"))
+        retried = self.failBackend(lease)
+        retried.cancel()
+        self.failureResultOf(retried, CancelledError)
+        self.assertEqual(self.h.scheduler.queued, 0)
+        self.h.releaseNext()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_retryAfterStop(self) -> None:
+        """
+        A retry once the scheduler is stopped fails with 503 "shutting down".
+        """
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        self.h.scheduler.stop()
+        f = self.failureResultOf(self.failBackend(lease), Unavailable)
+        self.assertEqual(f.value.message, "shutting down")
+        self.assertEqual((self.h.scheduler.active, lease.backend.active), (0, 0))
+
+    def test_retryOnce(self) -> None:
+        """
+        A lease ends once: retry after release (or twice) is a programming error, release
+        after retry a no-op.
+        """
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        second = self.successResultOf(self.failBackend(lease))
+        lease.release()
+        self.assertRaises(RuntimeError, lease.retry)
+        second.release()
+        self.assertRaises(RuntimeError, second.retry)
+        self.assertEqual(self.h.scheduler.active, 0)
+
+
+class PoolChangeTests(SynchronousTestCase):
+    """
+    The scheduler follows the pool: dispatches when capacity appears, fails what nothing
+    serves any more.
+    """
+
+    def test_backendComingOnline(self) -> None:
+        """
+        A backend coming online takes the waiting requests at once.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        b2 = h.pool.add(Backend(name="b2", url="http://b2"))
+        self.assertEqual(len(h.grants), 1)
+        h.pool.markOnline(b2, OLLAMA, ["m"])
+        self.assertEqual(h.labels(), ["a0", "a1"])
+        self.assertIs(h.grants[1][1].backend, b2)
+
+    def test_undrained(self) -> None:
+        """
+        Undraining a backend dispatches to it.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        onlineBackend(h.pool, "b2")
+        h.pool.drain("b2")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        self.assertEqual(len(h.grants), 1)
+        h.pool.drain("b2", False)
+        self.assertEqual(h.labels(), ["a0", "a1"])
+
+    def test_slotsRaised(self) -> None:
+        """
+        More slots on a backend (a pool change) are used at once.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1")
+        for i in range(3):
+            h.submit(f"a{i}", job("a"))
+        b1.slots = 3
+        h.pool.changed()
+        self.assertEqual(len(h.grants), 3)
+
+    def test_removedLeavesNoServer(self) -> None:
+        """
+        When the last backend serving a model goes away, its queued requests fail with 503
+        and a Retry-After instead of waiting forever; running ones release cleanly.
+        """
+        h = Harness(healthInterval=10)
+        b1 = onlineBackend(h.pool, "b1", models=["m", "n"])
+        onlineBackend(h.pool, "b2", models=["n"])
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.submit("n0", job("x", "n:latest"))
+        h.submit("n1", job("x", "n:latest"))
+        h.pool.remove("b1")
+        f = h.failures["a1"]
+        f.trap(Unavailable)
+        self.assertEqual(f.value.retryAfter, 10)
+        self.assertEqual(sorted(h.failures), ["a1"])
+        self.assertEqual(h.labels(), ["a0", "n0"])
+        self.assertEqual(h.scheduler.queued, 1)
+        h.releaseNext()
+        self.assertEqual((b1.active, h.scheduler.queued), (0, 1))
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "n0", "n1"])
+
+
+class IdleTests(SynchronousTestCase):
+    """
+    Idle users' state is dropped after C{idleForget}; configured and policy users stay.
+    """
+
+    def test_forgetIdle(self) -> None:
+        """
+        An unconfigured user idle for C{idleForget} seconds disappears from the snapshot;
+        configured and policy-set users stay.
+        """
+        h = Harness(idleForget=60, users={"conf": UserConfig()})
+        onlineBackend(h.pool, "b1", slots=3)
+        h.scheduler.setPolicy("pol", weight=2)
+        for user in ("conf", "pol", "anon"):
+            h.submit(user, job(user))
+        h.drain(3)
+        h.clock.advance(59)
+        self.assertEqual([u["id"] for u in h.scheduler.snapshot()], ["anon", "conf", "pol"])
+        h.clock.advance(1)
+        self.assertEqual([u["id"] for u in h.scheduler.snapshot()], ["conf", "pol"])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_activityPostpones(self) -> None:
+        """
+        A user active again before C{idleForget} passes is kept until it has been idle for
+        the whole period since its last request.
+        """
+        h = Harness(idleForget=60)
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.drain(1)
+        h.clock.advance(50)
+        h.submit("a1", job("a"))
+        h.clock.advance(20)
+        self.assertEqual(len(h.scheduler.snapshot()), 1)
+        h.drain(1)
+        h.clock.advance(59)
+        self.assertEqual(h.scheduler.snapshot()[0]["served"], 2)
+        h.clock.advance(1)
+        self.assertEqual(h.scheduler.snapshot(), [])
+
+    def test_staggeredForgetting(self) -> None:
+        """
+        Users idle since different times are each forgotten C{idleForget} after their own
+        last activity.
+        """
+        h = Harness(idleForget=60)
+        onlineBackend(h.pool, "b1", slots=2)
+        h.submit("a0", job("a"))
+        h.drain(1)
+        h.clock.advance(30)
+        h.submit("b0", job("b"))
+        h.drain(1)
+        h.clock.advance(30)
+        self.assertEqual([u["id"] for u in h.scheduler.snapshot()], ["b"])
+        h.clock.advance(29)
+        self.assertEqual([u["id"] for u in h.scheduler.snapshot()], ["b"])
+        h.clock.advance(1)
+        self.assertEqual(h.scheduler.snapshot(), [])
+
+    def test_bookkeepingBounded(self) -> None:
+        """
+        A user that goes idle after each of many requests keeps one forget entry, and
+        served requests do not pile up in the timeout book-keeping.
+        """
+        h = Harness(idleForget=60, queueTimeout=600)
+        onlineBackend(h.pool, "b1")
+        for i in range(1000):
+            h.submit(f"a{i}", job("a"))
+            h.releaseNext()
+            h.clock.advance(0.01)
+        self.assertEqual(len(h.scheduler._idle), 1)
+        self.assertLessEqual(len(h.scheduler._deadlines), 100)
+        self.assertEqual(len(h.clock.getDelayedCalls()), 2)
+        h.clock.advance(600)
+        self.assertEqual(h.scheduler.snapshot(), [])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_queuedUserKept(self) -> None:
+        """
+        A user with queued or running requests is never forgotten.
+        """
+        h = Harness(idleForget=60)
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("b0", job("b"))
+        h.clock.advance(1000)
+        self.assertEqual([u["id"] for u in h.scheduler.snapshot()], ["a", "b"])
+
+
+class PolicyTests(SynchronousTestCase):
+    """
+    Live policy changes and the snapshot.
+    """
+
+    def test_promoteToVIP(self) -> None:
+        """
+        A user promoted to VIP while queued goes next.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.submit("b0", job("b"))
+        h.submit("c0", job("c"))
+        h.scheduler.setPolicy("c", priority="vip")
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "c0"])
+
+    def test_demoteFromVIP(self) -> None:
+        """
+        A VIP demoted to normal shares with the others again instead of going first.
+        """
+        h = Harness(users={"v": UserConfig(priority="vip")})
+        onlineBackend(h.pool, "b1")
+        h.submit("x0", job("x"))
+        for i in range(3):
+            h.submit(f"v{i}", job("v"))
+        h.submit("a0", job("a"))
+        h.scheduler.setPolicy("v", priority="normal")
+        h.drain(4)
+        self.assertEqual(h.labels(), ["x0", "v0", "a0", "v1", "v2"])
+
+    def test_weightChange(self) -> None:
+        """
+        A new weight applies to the following dispatches.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("x", job("x"))
+        for i in range(4):
+            h.submit(f"a{i}", job("a"))
+            h.submit(f"b{i}", job("b"))
+        h.scheduler.setPolicy("a", weight=4)
+        h.drain(8)
+        self.assertEqual(h.labels(), ["x", "a0", "b0", "a1", "a2", "a3", "b1", "b2", "b3"])
+
+    def test_boostPolicy(self) -> None:
+        """
+        Setting C{boost} doubles the weight.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("x", job("x"))
+        for i in range(6):
+            h.submit(f"a{i}", job("a"))
+            h.submit(f"b{i}", job("b"))
+        h.scheduler.setPolicy("a", priority="boost")
+        h.drain(9)
+        # Ties (a at 1.0 and b at 1.0) go to the older request, b1.
+        self.assertEqual(
+            h.labels(), ["x", "a0", "b0", "a1", "b1", "a2", "a3", "b2", "a4", "a5"]
+        )
+
+    def test_manyPolicyChangesCompact(self) -> None:
+        """
+        Priority changes of queued users re-index them; the dead heap entries this leaves
+        are compacted away, and the order stays right.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("x", job("x"))
+        h.submit("a0", job("a"))
+        h.submit("b0", job("b"))
+        for i in range(500):
+            h.scheduler.setPolicy("b", priority="vip" if i % 2 else "normal")
+        h.scheduler.setPolicy("a", priority="vip")
+        [cls] = h.scheduler._classes.values()
+        self.assertLessEqual(sum(len(heap) for heap in cls.heaps), 40)
+        h.drain(2)
+        self.assertEqual(h.labels(), ["x", "a0", "b0"])
+
+    def test_badPolicy(self) -> None:
+        """
+        Unknown priorities and non-positive weights are refused.
+        """
+        s = Harness().scheduler
+        self.assertRaises(ValueError, s.setPolicy, "a", priority="gold")
+        self.assertRaises(ValueError, s.setPolicy, "a", weight=0)
+        self.assertRaises(ValueError, s.setPolicy, "a", weight=-1)
+        self.assertEqual(s.snapshot(), [])
+
+    def test_snapshot(self) -> None:
+        """
+        The snapshot lists configured and active users with their policy and counts.
+        """
+        h = Harness(users={"alice": UserConfig(priority="vip", weight=2)})
+        onlineBackend(h.pool, "b1")
+        h.submit("b0", job("bob"))
+        h.submit("b1", job("bob"))
+        self.assertEqual(
+            h.scheduler.snapshot(),
+            [
+                {"id": "alice", "priority": "vip", "weight": 2, "queued": 0, "active": 0,
+                 "served": 0},
+                {"id": "bob", "priority": "normal", "weight": 1, "queued": 1, "active": 1,
+                 "served": 1},
+            ],
+        )
+        self.assertEqual((h.scheduler.queued, h.scheduler.active), (1, 1))
+
+
+class ReentrancyTests(SynchronousTestCase):
+    """
+    Lease callbacks that call back into the scheduler.
+    """
+
+    def test_releaseInCallback(self) -> None:
+        """
+        A callback that releases its lease at once lets every queued request through, in
+        order, without recursion.
+        """
+        h = Harness(maxQueuedPerUser=5000)
+        b1 = onlineBackend(h.pool, "b1")
+        order: list[int] = []
+        blocker = self.successResultOf(h.scheduler.enqueue(job("x")))
+        for i in range(3000):
+
+            def done(lease: Lease, i: int = i) -> None:
+                """
+                Record the order and release at once.
+                """
+                order.append(i)
+                lease.release()
+
+            h.scheduler.enqueue(job("a")).addCallback(done)
+        blocker.release()
+        self.assertEqual(order, list(range(3000)))
+        self.assertEqual((b1.active, h.scheduler.queued, h.scheduler.active), (0, 0, 0))
+
+    def test_enqueueInCallback(self) -> None:
+        """
+        A callback that enqueues again gets its new request queued behind the others.
+        """
+        h = Harness()
+        onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("b0", job("b"))
+
+        def again(lease: Lease) -> Lease:
+            """
+            Queue another request from inside a lease callback, then release.
+            """
+            h.submit("a-again", job("a"))
+            lease.release()
+            return lease
+
+        h.scheduler.enqueue(job("a")).addCallback(again)
+        h.drain(1)
+        self.assertEqual(h.labels(), ["a0", "b0"])
+        h.drain(1)
+        self.assertEqual(h.labels(), ["a0", "b0", "a-again"])
+
+    def test_cancelGrantedInSameRound(self) -> None:
+        """
+        A callback that cancels another request granted in the same dispatch round (two
+        slots appeared at once) gives that request's slot back instead of delivering it.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1", slots=1)
+        blocker = self.successResultOf(h.scheduler.enqueue(job("x")))
+        one = h.scheduler.enqueue(job("a"))
+        two = h.scheduler.enqueue(job("b"))
+        three = h.scheduler.enqueue(job("c"))
+
+        def cancelTwo(lease: Lease) -> Lease:
+            """
+            Cancel the other request granted in this same round.
+            """
+            two.cancel()
+            return lease
+
+        one.addCallback(cancelTwo)
+        b1.slots = 3
+        h.pool.changed()
+        self.successResultOf(one)
+        self.failureResultOf(two, CancelledError)
+        # two's slot went to three in the same loop.
+        self.successResultOf(three)
+        self.assertEqual((b1.active, h.scheduler.active, h.scheduler.queued), (3, 3, 0))
+        served = {u["id"]: u["served"] for u in h.scheduler.snapshot()}
+        self.assertEqual(served, {"a": 1, "b": 0, "c": 1, "x": 1})
+        blocker.release()
+        self.assertEqual(b1.active, 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_poolChangeInCallback(self) -> None:
+        """
+        A callback that takes the backend offline (failing the queued requests) while the
+        scheduler is delivering leases leaves consistent counts.
+        """
+        h = Harness()
+        b1 = onlineBackend(h.pool, "b1")
+        h.submit("a0", job("a"))
+        h.submit("a1", job("a"))
+        h.submit("a2", job("a"))
+
+        def down(lease: Lease) -> Lease:
+            """
+            Take the backend offline from inside a lease callback.
+            """
+            h.pool.markOffline(b1, "gone")
+            return lease
+
+        h.submit("b0", job("b")).addCallback(down)
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "b0"])
+        self.assertEqual(sorted(h.failures), ["a1", "a2"])
+        self.assertEqual((b1.active, h.scheduler.active, h.scheduler.queued), (1, 1, 0))
+        h.releaseNext()
+        self.assertEqual((b1.active, h.scheduler.active), (0, 0))
+
+
+# --- properties ---
+
+MODELS = ("m1", "m2")
+WEIGHTS = (0.5, 1.0, 2.0, 4.0)  # powers of two keep the counters exact
+
+
+@st.composite
+def workloads(draw: st.DrawFn, models: tuple[str, ...], retries: bool) -> dict:
+    """
+    A random pool, users and sequence of operations.
+    """
+    backends = draw(
+        st.lists(
+            st.tuples(
+                st.integers(1, 3),
+                st.sets(st.sampled_from(models), min_size=1),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    users = draw(
+        st.lists(
+            st.tuples(st.sampled_from(("normal", "boost", "vip")), st.sampled_from(WEIGHTS)),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    # Weighted by repetition: queues build up when arrivals outpace releases.
+    names = ["enqueue"] * 4 + ["release"] * 2 + ["cancel", "advance"]
+    if retries:
+        names += ["retry", "online", "online", "policy"]
+    ops: list[tuple] = []
+    # Long sequences: interesting states only arise after a while.
+    for name in draw(st.lists(st.sampled_from(names), min_size=20, max_size=150)):
+        if name == "enqueue":
+            ops.append((name, draw(st.integers(0, 4)), draw(st.sampled_from(models))))
+        elif name == "advance":
+            ops.append((name, draw(st.integers(1, 20))))
+        elif name == "online":
+            ops.append((name, draw(st.integers(0, 2))))
+        elif name == "policy":
+            ops.append(
+                (
+                    name,
+                    draw(st.integers(0, 4)),
+                    draw(st.sampled_from(("normal", "boost", "vip"))),
+                    draw(st.sampled_from(WEIGHTS)),
+                )
+            )
+        else:
+            ops.append((name, draw(st.integers(0, 50))))
+    return {"backends": backends, "users": users, "ops": ops}
+
+
+class Model:
+    """
+    The test's own book-keeping of a workload, checked against the scheduler's.
+
+    @ivar pending: request id -> its Deferred while it waits (queued or retrying).
+    @ivar held: request id -> its lease while it runs.
+    @ivar firstDispatch: per (user, model), request ids in order of their first dispatch.
+    @ivar dispatches: user ids in dispatch order.
+    """
+
+    def __init__(self, testCase: SynchronousTestCase, workload: dict, **config: object) -> None:
+        """
+        @param workload: from L{workloads}.
+        @param config: further L{Config} fields.
+        """
+        self.testCase = testCase
+        self.clock = task.Clock()
+        self.pool = BackendPool()
+        self.backends = []
+        for i, (slots, models) in enumerate(workload["backends"]):
+            self.backends.append(onlineBackend(self.pool, f"b{i}", slots, sorted(models)))
+        self.models = {b: sorted(m) for b, (_, m) in zip(self.backends, workload["backends"])}
+        users = {
+            f"u{i}": UserConfig(priority=priority, weight=weight)
+            for i, (priority, weight) in enumerate(workload["users"])
+        }
+        self.config = Config(users=users, maxQueuedPerUser=30, **config)  # type: ignore[arg-type]
+        self.scheduler = Scheduler(self.pool, self.clock, self.config)
+        self.nextID = 0
+        self.pending: dict[int, Deferred[Lease]] = {}
+        self.held: dict[int, Lease] = {}
+        self.outcomes: dict[int, str] = {}
+        self.jobs: dict[int, Job] = {}
+        self.dispatched: set[int] = set()
+        self.firstDispatch: dict[tuple[str, str | None], list[int]] = {}
+        self.dispatches: list[str] = []
+        self.onDispatch = lambda user: None
+        # Assertions failing inside Deferred callbacks would be swallowed (and only
+        # logged); keep them and raise them from apply(), where hypothesis sees them.
+        self.errors: list[BaseException] = []
+
+    def enqueue(self, user: str, model: str) -> None:
+        """
+        Enqueue a request of C{user} for C{model}.
+        """
+        rid = self.nextID
+        self.nextID += 1
+        j = job(user, model + ":latest")
+        self.jobs[rid] = j
+        self.follow(rid, self.scheduler.enqueue(j))
+
+    def follow(self, rid: int, d: Deferred[Lease]) -> None:
+        """
+        Track C{d}, the current attempt of request C{rid}.
+        """
+        self.pending[rid] = d
+
+        def granted(lease: Lease) -> None:
+            """
+            Check a delivered lease, keeping any assertion failure for L{check}.
+            """
+            try:
+                grantedChecks(lease)
+            except BaseException as e:
+                self.errors.append(e)
+
+        def grantedChecks(lease: Lease) -> None:
+            """
+            The lease belongs to this attempt, runs nowhere else, and fits its job.
+            """
+            self.testCase.assertIs(self.pending.pop(rid), d)
+            self.testCase.assertNotIn(rid, self.held, "served twice at once")
+            self.testCase.assertEqual(lease.job, self.jobs[rid])
+            self.testCase.assertTrue(lease.backend.serves(lease.job.kinds, lease.job.model))
+            self.held[rid] = lease
+            self.dispatches.append(lease.job.user)
+            if rid not in self.dispatched:
+                self.dispatched.add(rid)
+                key = (lease.job.user, lease.job.model)
+                self.firstDispatch.setdefault(key, []).append(rid)
+            self.onDispatch(lease.job.user)
+
+        def failed(f: Failure) -> None:
+            """
+            Record how the attempt ended, keeping any assertion failure for L{check}.
+            """
+            try:
+                self.testCase.assertIs(self.pending.pop(rid), d)
+                f.trap(CancelledError, Unavailable, BadGateway, TooManyRequests)
+                self.outcomes[rid] = f.type.__name__
+            except BaseException as e:
+                self.errors.append(e)
+
+        d.addCallbacks(granted, failed)
+
+    def apply(self, op: tuple) -> None:
+        """
+        Apply one operation of a workload.
+        """
+        kind = op[0]
+        if kind == "enqueue":
+            users = sorted(self.config.users)
+            self.enqueue(users[op[1] % len(users)], op[2])
+        elif kind == "release" and self.held:
+            rid = sorted(self.held)[op[1] % len(self.held)]
+            self.held.pop(rid).release()
+            self.outcomes[rid] = "served"
+        elif kind == "cancel" and self.pending:
+            rid = sorted(self.pending)[op[1] % len(self.pending)]
+            self.pending[rid].cancel()
+        elif kind == "advance":
+            self.clock.advance(op[1])
+        elif kind == "retry" and self.held:
+            rid = sorted(self.held)[op[1] % len(self.held)]
+            lease = self.held.pop(rid)
+            self.pool.markOffline(lease.backend, "failed")
+            self.follow(rid, lease.retry())
+        elif kind == "online":
+            backend = self.backends[op[1] % len(self.backends)]
+            self.pool.markOnline(backend, OLLAMA, self.models[backend])
+        elif kind == "policy":
+            users = sorted(self.config.users)
+            self.scheduler.setPolicy(users[op[1] % len(users)], op[2], op[3])
+        self.check()
+
+    def check(self) -> None:
+        """
+        The scheduler's counts match the book-keeping; no backend runs over its slots.
+        """
+        if self.errors:
+            raise self.errors[0]
+        t = self.testCase
+        for backend in self.backends:
+            running = sum(1 for lease in self.held.values() if lease.backend is backend)
+            t.assertEqual(backend.active, running)
+            t.assertLessEqual(backend.active, backend.slots)
+        t.assertEqual(self.scheduler.queued, len(self.pending))
+        t.assertEqual(self.scheduler.active, len(self.held))
+        snapshot = {u["id"]: u for u in self.scheduler.snapshot()}
+        for user in self.config.users:
+            t.assertEqual(
+                snapshot[user]["queued"],
+                sum(1 for rid in self.pending if self.jobs[rid].user == user),
+            )
+
+    def finish(self) -> None:
+        """
+        Bring every backend back and run everything to completion; every request ends
+        exactly once, and each user's requests for a model were first dispatched in
+        arrival order.
+        """
+        for backend in self.backends:
+            self.pool.markOnline(backend, OLLAMA, self.models[backend])
+        while self.held:
+            rid = min(self.held)
+            self.held.pop(rid).release()
+            self.outcomes[rid] = "served"
+            self.check()
+        t = self.testCase
+        t.assertEqual(self.pending, {})
+        t.assertEqual(sorted(self.outcomes), list(range(self.nextID)))
+        t.assertEqual(
+            (self.scheduler.queued, self.scheduler.active, sum(b.active for b in self.backends)),
+            (0, 0, 0),
+        )
+        for key, rids in self.firstDispatch.items():
+            t.assertEqual(rids, sorted(rids), key)
+        t.assertEqual(t.flushLoggedErrors(), [])
+
+
+class PropertyTests(SynchronousTestCase):
+    """
+    Random workloads: nothing lost or served twice, slots respected, FIFO per user and
+    model, and the fairness bound.
+    """
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(workloads(MODELS, retries=True), st.sampled_from([None, 15.0]))
+    def test_invariants(self, workload: dict, queueTimeout: float | None) -> None:
+        """
+        Over random arrivals (users, weights, priorities, models), cancellations, releases,
+        backend failures with retries, policy changes, timeouts and slot counts: every
+        request ends exactly once (served, cancelled or failed), a backend never runs more
+        than its slots, the counts are exact at every step, and each user's requests for a
+        model are first dispatched in arrival order.
+        """
+        model = Model(self, workload, queueTimeout=queueTimeout, idleForget=30.0)
+        for op in workload["ops"]:
+            model.apply(op)
+        model.finish()
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(workloads(("m",), retries=False))
+    def test_fairnessBound(self, workload: dict) -> None:
+        """
+        While a user I{i} is backlogged, no other user I{j} of the same tier is dispatched
+        more than C{floor(w_j / w_i) + 1} times before I{i}'s next dispatch (weights with
+        boost applied). So I{i} waits at most C{sum over j != i of (floor(w_j/w_i) + 1)}
+        dispatches of its tier, C{2(n - 1)} for I{n} equal users.
+        """
+        model = Model(self, workload)
+        users = model.config.users
+
+        def weight(user: str) -> float:
+            """
+            The user's effective weight (boost doubles it).
+            """
+            u = users[user]
+            return u.weight * (2 if u.priority == "boost" else 1)
+
+        def tier(user: str) -> bool:
+            """
+            Whether the user is a VIP.
+            """
+            return users[user].priority == "vip"
+
+        # since[i][j]: dispatches of j since i was last dispatched or became backlogged.
+        since: dict[str, Counter[str]] = {}
+
+        def backlogged(user: str) -> bool:
+            """
+            Whether the user has a request waiting.
+            """
+            return any(model.jobs[rid].user == user for rid in model.pending)
+
+        def onDispatch(user: str) -> None:
+            """
+            Count C{user}'s dispatch against every waiting user of its tier and check the bound.
+            """
+            since[user] = Counter()
+            for i, counts in list(since.items()):
+                if i == user or tier(i) != tier(user):
+                    continue
+                if not backlogged(i):
+                    del since[i]
+                    continue
+                counts[user] += 1
+                bound = math.floor(weight(user) / weight(i)) + 1
+                self.assertLessEqual(
+                    counts[user], bound, f"{user} served {counts[user]} times while {i} waited"
+                )
+
+        model.onDispatch = onDispatch
+        for op in workload["ops"]:
+            if op[0] == "enqueue":
+                user = sorted(users)[op[1] % len(users)]
+                if not backlogged(user):
+                    since[user] = Counter()
+            model.apply(op)
+            for user in list(since):
+                if not backlogged(user):
+                    del since[user]
+        model.finish()
