@@ -15,6 +15,7 @@ from klein import Klein
 import treq
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
@@ -50,6 +51,8 @@ ANY_KIND = frozenset({kinds.OLLAMA, kinds.OPENAI})
 # finds it working. A 500 is the backend's real answer (a bad prompt, too little memory)
 # and is relayed as is.
 FAILOVER_STATUSES = frozenset({502, 503, 504})
+
+log = Logger()
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -346,18 +349,25 @@ class ProxyAPI:
                 try:
                     response = await self.relay.open(backend, request.method, request.uri, headers, data)
                 except BackendUnreachable as e:
-                    self.pool.markOffline(backend, str(e))
+                    self._failed(backend, str(e))
                     lease = await lease.retry()
                     continue
                 if response.code in FAILOVER_STATUSES:
                     self.relay.discard(response)
-                    self.pool.markOffline(backend, f"answered {response.code}")
+                    self._failed(backend, f"backend {backend.name} answered {response.code}")
                     lease = await lease.retry()
                     continue
                 await self.relay.stream(request, response, family)
                 return
         finally:
             lease.release()
+
+    def _failed(self, backend: Backend, reason: str) -> None:
+        """
+        A backend failed before answering: no traffic for it until a probe succeeds.
+        """
+        log.warn("{reason}; marking it offline and failing over", reason=reason)
+        self.pool.markOffline(backend, reason)
 
     async def _tryInTurn(self, request: IRequest, backends: list[Backend], data: bytes) -> None:
         """
@@ -370,7 +380,7 @@ class ProxyAPI:
             try:
                 response = await self.relay.open(backend, request.method, request.uri, headers, data)
             except BackendUnreachable as e:
-                self.pool.markOffline(backend, str(e))
+                self._failed(backend, str(e))
                 last = str(e)
                 continue
             if response.code in FAILOVER_STATUSES:

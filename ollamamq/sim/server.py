@@ -132,6 +132,8 @@ The vocabulary of simulated answers; one word is one token.
 
 _API_FAMILIES = ("ollama", "openai")
 
+_requestLog = Logger(namespace="ollamamq.sim.requests")
+
 
 def _positive(name: str) -> Callable[[Any, Any, Any], None]:
     """
@@ -1726,6 +1728,10 @@ class Simulator:
         now = self.clock.seconds()
         job.entry["status"] = "running"
         job.entry["startedAt"] = now
+        _requestLog.info(
+            "request {id} {path} user={user} started",
+            id=job.entry.get("id"), path=job.entry.get("path"), user=job.entry.get("user"),
+        )
         self._expire()
         if job.model in self._loaded:
             self._loaded.move_to_end(job.model)
@@ -1887,6 +1893,12 @@ class Simulator:
         job.entry["status"] = status
         job.entry["finishedAt"] = self.clock.seconds()
         self._counters[status] += 1
+        # With -v, integration tests wait for these lines instead of polling /sim/stats.
+        _requestLog.info(
+            "request {id} {path} user={user} {status}",
+            id=job.entry.get("id"), path=job.entry.get("path"),
+            user=job.entry.get("user"), status=status,
+        )
 
     def _stopJob(self, job: _Job) -> None:
         """
