@@ -14,6 +14,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -117,6 +118,12 @@ class Options(usage.Options):
             ModelCatalog(self.config.models)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        for description in self.config.listen:
+            try:
+                # Parsing only: a memory reactor, since twistd installs the real one later.
+                endpoints.serverFromString(MemoryReactor(), description)
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}") from None
 
     def _cliFields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}

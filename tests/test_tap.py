@@ -1,0 +1,146 @@
+"""
+Tests for L{ollamamq.tap}: command-line options and the service tree.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from ollamamq.tap import Options, makeService
+
+
+def parse(*argv: str, environ: dict[str, str] | None = None) -> Options:
+    """
+    Parse C{argv} as C{twistd ollamamq} would, with a controlled environment.
+    """
+    options = Options()
+    options.environ = environ or {}
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    Every documented option, and clear errors for bad values.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        With no options: 127.0.0.1:11435, a local Ollama, 300 s idle timeout.
+        """
+        config = parse().config
+        self.assertEqual(config.listen, ("tcp:11435:interface=127.0.0.1",))
+        self.assertEqual([b.url for b in config.backends], ["http://localhost:11434"])
+        self.assertEqual((config.timeout, config.healthInterval), (300.0, 10.0))
+        self.assertFalse(config.allowAllRoutes or config.demo)
+
+    def test_everyOption(self) -> None:
+        """
+        Each option lands in its config field.
+        """
+        config = parse(
+            "-p", "9000", "--listen", "tcp:9001", "-b", "http://a:1", "--backend", "http://b:2",
+            "--backends", "http://c:3,http://d:4", "-t", "12", "--health-interval", "3",
+            "--control", "/run/c.sock", "--state", "/var/s.db", "--allow-all-routes", "--demo",
+        ).config
+        self.assertEqual(config.listen, ("tcp:9000:interface=127.0.0.1", "tcp:9001"))
+        self.assertEqual([b.url for b in config.backends],
+                         ["http://a:1", "http://b:2", "http://c:3", "http://d:4"])
+        self.assertEqual((config.timeout, config.healthInterval), (12.0, 3.0))
+        self.assertEqual((config.control, config.state), ("/run/c.sock", "/var/s.db"))
+        self.assertTrue(config.allowAllRoutes and config.demo)
+
+    def test_environmentBackends(self) -> None:
+        """
+        C{OLLAMA_URLS} gives the backends when the command line does not.
+        """
+        config = parse(environ={"OLLAMA_URLS": "http://x:1,http://y:2"}).config
+        self.assertEqual([b.name for b in config.backends], ["x:1", "y:2"])
+        config = parse("-b", "http://z:3", environ={"OLLAMA_URLS": "http://x:1"}).config
+        self.assertEqual([b.name for b in config.backends], ["z:3"])
+
+    def test_configFileUnderCommandLine(self) -> None:
+        """
+        The config file is read; the command line overrides it.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"[server]\ntimeout = 50\nhealth_interval = 2\n")
+        config = parse("-c", path.path, "-t", "60").config
+        self.assertEqual((config.timeout, config.healthInterval), (60.0, 2.0))
+
+    def assertUsageError(self, *argv: str, fragment: str) -> None:
+        """
+        Parsing fails with a L{usage.UsageError} mentioning C{fragment}.
+        """
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(*argv)
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_badValues(self) -> None:
+        """
+        Bad values are usage errors that say what is wrong.
+        """
+        self.assertUsageError("-p", "99999", fragment="port must be 0-65535")
+        self.assertUsageError("-p", "http", fragment="invalid literal")
+        self.assertUsageError("-t", "0", fragment="positive number of seconds")
+        self.assertUsageError("--health-interval", "-1", fragment="positive")
+        self.assertUsageError("-b", "localhost:11434", fragment="http:// or https://")
+        self.assertUsageError("-c", "/nonexistent/x.toml", fragment="cannot read config file")
+        self.assertUsageError("--listen", "tcp:1:interface=::1", fragment="bad --listen endpoint")
+        self.assertUsageError("--listen", "bogus:1", fragment="bad --listen endpoint")
+
+    def test_badConfigKey(self) -> None:
+        """
+        An unknown key in the config file stops startup, naming the key.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"[server]\nmax_queue = 3\n")
+        self.assertUsageError("-c", path.path, fragment="server.max_queue")
+
+    def test_modelRuleClash(self) -> None:
+        """
+        Model rules that clash once names are canonicalised are a usage error, not a
+        traceback at startup.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b'[models.llama3]\n[models."LLAMA3:latest"]\n')
+        with self.assertRaises(usage.UsageError):
+            parse("-c", path.path)
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    L{makeService} on a memory reactor.
+    """
+
+    def test_listensAndStops(self) -> None:
+        """
+        Starting listens on every endpoint; stopping completes.
+        """
+        reactor = MemoryReactorClock()
+        service = makeService(parse("-p", "12345", "--listen", r"tcp:12346:interface=\:\:1"),
+                              reactor=reactor)
+        service.startService()
+        ports = sorted((port, interface) for port, _, _, interface in reactor.tcpServers)
+        self.assertEqual(ports, [(12345, "127.0.0.1"), (12346, "::1")])
+        d = service.stopService()
+        reactor.advance(0.1)
+        self.successResultOf(d)
+
+    def test_demoStartsSimulators(self) -> None:
+        """
+        With C{--demo}, two simulators listen on free loopback ports.
+        """
+        reactor = MemoryReactorClock()
+        service = makeService(parse("--demo", "-p", "12345"), reactor=reactor)
+        service.startService()
+        self.assertEqual(
+            sorted((port, interface) for port, _, _, interface in reactor.tcpServers),
+            [(0, "127.0.0.1"), (0, "127.0.0.1"), (12345, "127.0.0.1")],
+        )
+        d = service.stopService()
+        reactor.advance(0.1)
+        self.successResultOf(d)
