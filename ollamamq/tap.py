@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 from treq.client import HTTPClient
 from zope.interface import implementer
@@ -152,6 +152,22 @@ class Options(usage.Options):
         return fields
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    Backend connections come and go all day; their factories' start/stop lines are noise.
+    """
+
+    noisy = False
+
+
+class _QuietConnectionPool(HTTPConnectionPool):
+    """
+    A persistent connection pool that does not log every new backend connection.
+    """
+
+    _factory = _QuietClientFactory
+
+
 @implementer(IStreamServerEndpoint)
 class _AnnouncedEndpoint:
     """
@@ -221,7 +237,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     assert config is not None, "Options.parseOptions() was not called"
 
     top = service.MultiService()
-    httpPool = HTTPConnectionPool(reactor, persistent=True)
+    httpPool = _QuietConnectionPool(reactor, persistent=True)
     httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
     http = HTTPClient(Agent(reactor, pool=httpPool))
 

@@ -47,7 +47,7 @@ class DemoBackends(MultiService):
         self._onReady = onReady
         for options in DEMO_BACKENDS:
             endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-            sim = simulatorService(options, endpoint, reactor)
+            sim = simulatorService(options, endpoint, reactor, quiet=True)
             sim.setServiceParent(self)
 
     def startService(self) -> None:

@@ -1953,6 +1953,19 @@ class _SimulatorResource(Resource):
         return self._simulator.render(request)
 
 
+class _QuietSite(Site):
+    """
+    A site that logs neither its start nor its requests.
+    """
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        """
+        Log nothing: the demo's backends would otherwise fill the proxy's log.
+        """
+
+
 class SimulatorService(Service):
     """
     Serve a L{Simulator} on a stream server endpoint.
@@ -1963,13 +1976,17 @@ class SimulatorService(Service):
 
     _log = Logger()
 
-    def __init__(self, simulator: Simulator, endpoint: IStreamServerEndpoint) -> None:
+    def __init__(
+        self, simulator: Simulator, endpoint: IStreamServerEndpoint, quiet: bool = False
+    ) -> None:
         """
         @param simulator: the simulator to serve.
         @param endpoint: where to listen.
+        @param quiet: log no access lines (for C{--demo}, inside the proxy's own log).
         """
         self.simulator = simulator
         self.endpoint = endpoint
+        self.quiet = quiet
         self._listening: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
         self._failure: Failure | None = None
@@ -1981,7 +1998,8 @@ class SimulatorService(Service):
         """
         super().startService()
         self._failure = None
-        self._listening = self.endpoint.listen(Site(self.simulator.resource()))
+        site = (_QuietSite if self.quiet else Site)(self.simulator.resource())
+        self._listening = self.endpoint.listen(site)
         self._listening.addCallbacks(self._listened, self._listenFailed)
 
     def _listened(self, port: IListeningPort) -> None:
@@ -2039,7 +2057,10 @@ class SimulatorService(Service):
 
 
 def simulatorService(
-    options: SimulatorOptions, endpoint: IStreamServerEndpoint, clock: IReactorTime
+    options: SimulatorOptions,
+    endpoint: IStreamServerEndpoint,
+    clock: IReactorTime,
+    quiet: bool = False,
 ) -> SimulatorService:
     """
     Build a service that serves a new simulator on C{endpoint}.
@@ -2050,4 +2071,4 @@ def simulatorService(
     @return: the service; its C{simulator} attribute is the simulator and
         C{whenListening()} gives the port.
     """
-    return SimulatorService(Simulator(options, clock), endpoint)
+    return SimulatorService(Simulator(options, clock), endpoint, quiet)
