@@ -20,8 +20,9 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
-from ollamamq import backends as kinds
 from ollamamq.aggregate import Aggregator
+from ollamamq.backends import OLLAMA as OLLAMA_BACKEND
+from ollamamq.backends import OPENAI as OPENAI_BACKEND
 from ollamamq.backends import Backend, BackendPool, UnknownBackend
 from ollamamq.config import Config
 from ollamamq.errors import (
@@ -43,8 +44,8 @@ from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, Relay, requestHeadersForBackend
 from ollamamq.scheduler import Job, Lease, Scheduler
 
-OLLAMA_ONLY = frozenset({kinds.OLLAMA})
-ANY_KIND = frozenset({kinds.OLLAMA, kinds.OPENAI})
+OLLAMA_ONLY = frozenset({OLLAMA_BACKEND})
+ANY_KIND = frozenset({OLLAMA_BACKEND, OPENAI_BACKEND})
 
 # Statuses that mean "this backend cannot serve now" rather than "this is the answer":
 # the request fails over to another backend and this one is marked offline until a probe
@@ -336,8 +337,6 @@ class ProxyAPI:
         family = familyFor(path)
         requestKinds = kindsFor(path)
         model = resolution.key if resolution is not None else None
-        if not self.pool.canServe(requestKinds, model):
-            raise self._unavailable(resolution.requested if resolution else "any")
         who = self.identity.identify(request.requestHeaders, _peerHost(request))
         job = Job(user=who.user, kinds=requestKinds, model=model)
         headers = self._backendHeaders(request)
@@ -418,7 +417,7 @@ class ProxyAPI:
                                code="unknown_backend") from None
             await self._tryInTurn(request, [target], data)
             return None
-        targets = [b for b in self.pool.backends if b.available and b.kind == kinds.OLLAMA]
+        targets = [b for b in self.pool.backends if b.available and b.kind == OLLAMA_BACKEND]
         if not targets:
             raise Unavailable("no Ollama backend online", code="no_backend",
                               retryAfter=self.config.healthInterval)
