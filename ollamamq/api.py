@@ -217,9 +217,8 @@ class ProxyAPI:
         """
         A generation or embedding: wait for a fair turn and a slot, then stream.
         """
-        body = self._readJSON(request)
-        resolution = self._resolveModel(request.path, body)
-        await self._runQueued(request, body, resolution)
+        raw, body = self._readJSON(request)
+        await self._runQueued(request, body, self._resolveModel(body), raw)
 
     @app.route("/<path:rest>", methods=ALL_METHODS)
     async def other(self, request: IRequest, rest: str) -> None:
@@ -239,7 +238,7 @@ class ProxyAPI:
                 parsed = None
             if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
                 body = parsed
-                resolution = self._resolveModel(request.path, body)
+                resolution = self._resolveModel(body)
         await self._runQueued(request, body, resolution, raw=raw)
 
     # --- routed by model, not queued ---
@@ -249,8 +248,8 @@ class ProxyAPI:
         """
         Model details, from a backend that has the model, without waiting in a queue.
         """
-        body = self._readJSON(request)
-        resolution = self._resolveModel(request.path, body)
+        raw, body = self._readJSON(request)
+        resolution = self._resolveModel(body)
         holders = self.pool.holders(OLLAMA_ONLY, resolution.key)
         if not holders:
             raise self._unavailable(resolution.requested)
@@ -261,6 +260,9 @@ class ProxyAPI:
     # --- request handling ---
 
     def _readBody(self, request: IRequest) -> bytes:
+        """
+        The request body, refused with 413 beyond C{max_body_bytes}.
+        """
         limit = self.config.maxBodyBytes
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -270,7 +272,10 @@ class ProxyAPI:
             raise BodyTooLarge(f"request body over {limit} bytes", code="body_too_large")
         return raw
 
-    def _readJSON(self, request: IRequest) -> dict:
+    def _readJSON(self, request: IRequest) -> tuple[bytes, dict]:
+        """
+        The request body, raw and parsed as a JSON object.
+        """
         raw = self._readBody(request)
         try:
             body = json.loads(raw)
@@ -278,9 +283,12 @@ class ProxyAPI:
             raise BadRequest(f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
-        return body
+        return raw, body
 
-    def _resolveModel(self, path: bytes, body: dict) -> Resolution:
+    def _resolveModel(self, body: dict) -> Resolution:
+        """
+        The model a request names, resolved; 404 when no backend has ever listed it.
+        """
         # Ollama's older clients send "name" instead of "model" on some routes.
         requested = body.get("model", body.get("name"))
         if not isinstance(requested, str) or not requested.strip():
@@ -304,6 +312,9 @@ class ProxyAPI:
         )
 
     def _backendHeaders(self, request: IRequest) -> Headers:
+        """
+        The client's headers for a backend, less the proxy's own credentials and controls.
+        """
         drop = {b"x-admin-key", b"x-backend"}
         for name in (b"authorization", b"x-api-key"):
             value = request.getHeader(name)
@@ -315,6 +326,10 @@ class ProxyAPI:
 
     def _bodyFor(self, backend: Backend, body: dict | None, resolution: Resolution | None,
                  path: bytes, raw: bytes | None) -> bytes | None:
+        """
+        The body to send C{backend}: model rules applied and the model spelled as that
+        backend spells it; the client's own bytes when nothing changed.
+        """
         if body is None or resolution is None:
             return raw
         family = OLLAMA if path.startswith(b"/api/") else OPENAI
