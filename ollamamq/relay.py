@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IRequest, IResponse
+from zope.interface import implementer
 
 from ollamamq.backends import Backend
 from ollamamq.errors import BadGateway, GatewayTimeout, ProxyError, streamErrorLine
@@ -105,17 +106,47 @@ def _describe(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
 
+@implementer(IBodyProducer)
+class _BodyBytes:
+    """
+    A request body already in memory, written in one go. (Twisted's C{FileBodyProducer}
+    would do, but it paces itself on the global reactor's cooperator, which tests on a
+    memory agent never run.)
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class Relay:
     """
     Sends requests to backends and streams their answers back.
 
-    @ivar http: a treq C{HTTPClient} (or C{StubTreq}) with a persistent connection pool.
+    The relay talks to a plain L{IAgent}, not treq: treq adds C{Accept-Encoding: gzip} and
+    decodes bodies, keeps one cookie jar for every request, and follows redirects, none of
+    which a transparent proxy may do.
+
+    @ivar agent: an L{IAgent} with a persistent connection pool.
     @ivar clock: for the idle timeout.
     @ivar idleTimeout: seconds of backend silence that end a request.
     """
 
-    def __init__(self, http: Any, clock: IReactorTime, idleTimeout: float) -> None:
-        self.http = http
+    def __init__(self, agent: IAgent, clock: IReactorTime, idleTimeout: float) -> None:
+        self.agent = agent
         self.clock = clock
         self.idleTimeout = idleTimeout
 
@@ -136,12 +167,8 @@ class Relay:
         @raise CancelledError: the caller cancelled (the client went away).
         """
         url = backend.url.encode("utf-8") + path
-        d = self.http.request(
-            method.decode("ascii"),
-            url.decode("utf-8"),
-            headers=headers,
-            data=body,
-            unbuffered=True,
+        d = self.agent.request(
+            method, url, headers, _BodyBytes(body) if body is not None else None
         )
         timedOut = []
 
@@ -185,6 +212,10 @@ class Relay:
         request.setResponseCode(response.code, response.phrase)
         for name, values in forwardedHeaders(response.headers).getAllRawHeaders():
             request.responseHeaders.setRawHeaders(name, values)
+        if response.length is not UNKNOWN_LENGTH:
+            # Twisted's client keeps Content-Length out of the headers; the body is relayed
+            # byte for byte, so the client may rely on it (and gets no chunked framing).
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
         contentType = b";".join(response.headers.getRawHeaders(b"content-type", [])).lower()
         relay = _BodyRelay(
             request,

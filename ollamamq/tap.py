@@ -239,7 +239,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     httpPool = _QuietConnectionPool(reactor, persistent=True)
     httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
-    http = HTTPClient(Agent(reactor, pool=httpPool))
+    agent = Agent(reactor, pool=httpPool)
+    http = HTTPClient(agent)
 
     pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
     scheduler = Scheduler(pool, reactor, config)
@@ -249,7 +250,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         config=config,
         pool=pool,
         scheduler=scheduler,
-        relay=Relay(http, reactor, config.timeout),
+        relay=Relay(agent, reactor, config.timeout),
         identity=IdentityResolver(config),
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout),

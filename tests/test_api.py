@@ -10,7 +10,8 @@ from typing import Any
 
 import attrs
 import treq
-from treq.testing import StubTreq
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -54,7 +55,10 @@ class Proxy:
         self.test = test
         self.clock = Clock()
         self.sims = {name: Simulator(options, self.clock) for name, options in sims.items()}
-        self.backendHTTP = StubTreq(HostRouter({n: s.resource() for n, s in self.sims.items()}))
+        self.backendAgent = RequestTraversalAgent(
+            HostRouter({n: s.resource() for n, s in self.sims.items()})
+        )
+        self.backendHTTP = HTTPClient(self.backendAgent)
         self.config = Config(**configFields)
         self.pool = BackendPool(
             Backend(name=name, url=f"http://{name}", slots=options.slots)
@@ -67,7 +71,7 @@ class Proxy:
             config=self.config,
             pool=self.pool,
             scheduler=self.scheduler,
-            relay=Relay(self.backendHTTP, self.clock, self.config.timeout),
+            relay=Relay(self.backendAgent, self.clock, self.config.timeout),
             identity=IdentityResolver(self.config),
             catalog=catalog,
             aggregator=Aggregator(self.pool, self.backendHTTP, self.clock, catalog, 5),
@@ -89,7 +93,7 @@ class Proxy:
         Move every pending byte through both stubs until nothing moves.
         """
         for _ in range(6):
-            self.backendHTTP.flush()
+            self.backendAgent.flush()
             self.client.flush()
 
     def advance(self, seconds: float, steps: int = 1) -> None:

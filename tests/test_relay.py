@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import treq
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -99,7 +100,7 @@ class RelayTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.backendResource = HoldingBackend()
-        self.backendHTTP = StubTreq(self.backendResource)
+        self.backendHTTP = RequestTraversalAgent(self.backendResource)
         self.relay = Relay(self.backendHTTP, self.clock, idleTimeout=30)
         self.front = Front(self.relay, Backend(name="b", url="http://backend"))
         self.client = StubTreq(self.front)
@@ -171,6 +172,38 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(response.headers.getRawHeaders(b"x-backend-header"), [b"from-backend"])
         self.assertIsNone(response.headers.getRawHeaders(b"keep-alive"))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-ndjson"])
+
+    def test_transparentHeaders(self) -> None:
+        """
+        The relay adds nothing the client did not send (no Accept-Encoding, no cookies)
+        and the client gets the backend's Content-Length, without an invented
+        Content-Encoding.
+        """
+        # A bare agent as the client: treq would add Accept-Encoding itself.
+        client = RequestTraversalAgent(self.front)
+
+        def flush() -> None:
+            for _ in range(3):
+                self.backendHTTP.flush()
+                client.flush()
+
+        d = client.request(b"POST", b"http://proxy/api/show", Headers(), None)
+        flush()
+        backendRequest = self.backendResource.requests[0]
+        self.assertIsNone(backendRequest.getHeader(b"accept-encoding"))
+        self.assertIsNone(backendRequest.getHeader(b"cookie"))
+        backendRequest.setHeader(b"content-length", b"11")
+        backendRequest.setHeader(b"set-cookie", b"a=1")
+        backendRequest.write(b'{"ok": true}'[:11])
+        backendRequest.finish()
+        flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.length, 11)
+        self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=1"])
+        client.request(b"POST", b"http://proxy/api/show", Headers(), None)
+        flush()
+        self.assertIsNone(self.backendResource.requests[1].getHeader(b"cookie"))
 
     def test_clientDisconnectClosesBackend(self) -> None:
         """
@@ -301,6 +334,7 @@ class FakeResponse:
 
     code = 200
     phrase = b"OK"
+    length = UNKNOWN_LENGTH
 
     def __init__(self, contentType: bytes) -> None:
         self.headers = Headers({b"content-type": [contentType]})
