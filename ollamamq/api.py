@@ -123,6 +123,14 @@ class ProxyAPI:
         request.setHeader(b"content-type", JSON)
         return errorBody(error, familyFor(request.path))
 
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        # A bug must cost one request a 500, never the daemon or a traceback to the client.
+        log.failure("Unexpected error handling {method} {path}", failure,
+                    method=request.method, path=request.path)
+        return self._proxyError(request, Failure(ProxyError("internal proxy error",
+                                                            code="internal_error")))
+
     # --- local routes ---
 
     @app.route("/", methods=["GET", "HEAD"])

@@ -518,3 +518,28 @@ class AllRoutesTests(SynchronousTestCase):
         response, body = proxy.complete("POST", "/api/custom", {"model": "nope"})
         self.assertEqual(response.code, 404)
         self.assertIsNone(response.headers.getRawHeaders(b"x-sim-backend"))
+
+
+class UnexpectedErrorTests(SynchronousTestCase):
+    """
+    A bug in a route costs that request a shaped 500, logged, and nothing else.
+    """
+
+    def test_shaped500(self) -> None:
+        """
+        An exception escaping a route becomes a family-shaped 500 without a traceback,
+        and the next request is served normally.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+
+        def broken() -> None:
+            raise RuntimeError("boom")
+
+        proxy.api.aggregator.models = broken
+        response, body = proxy.complete("GET", "/v1/models")
+        self.assertEqual(response.code, 500)
+        self.assertEqual(json.loads(body)["error"]["code"], "internal_error")
+        self.assertNotIn(b"Traceback", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        response, body = proxy.complete("GET", "/api/version")
+        self.assertEqual(response.code, 200)
