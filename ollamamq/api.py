@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IRequest, IResponse
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.backends import OLLAMA as OLLAMA_BACKEND
@@ -356,62 +356,60 @@ class ProxyAPI:
         resolution: Resolution | None,
         raw: bytes | None = None,
     ) -> None:
+        """
+        Queue the request for its user, then relay it to the backend it is granted,
+        failing over to another while a backend fails before answering.
+        """
         path = request.path
-        family = familyFor(path)
-        requestKinds = kindsFor(path)
         model = resolution.key if resolution is not None else None
         who = self.identity.identify(request.requestHeaders, _peerHost(request))
-        job = Job(user=who.user, kinds=requestKinds, model=model)
+        job = Job(user=who.user, kinds=kindsFor(path), model=model)
         headers = self._backendHeaders(request)
         lease: Lease = await self.scheduler.enqueue(job)
         try:
             while True:
-                backend = lease.backend
-                data = self._bodyFor(backend, body, resolution, path, raw)
-                try:
-                    response = await self.relay.open(backend, request.method, request.uri, headers, data)
-                except BackendUnreachable as e:
-                    self._failed(backend, str(e))
-                    lease = await lease.retry()
-                    continue
-                if response.code in FAILOVER_STATUSES:
-                    self.relay.discard(response)
-                    self._failed(backend, f"backend {backend.name} answered {response.code}")
-                    lease = await lease.retry()
-                    continue
-                await self.relay.stream(request, response, family)
-                return
+                data = self._bodyFor(lease.backend, body, resolution, path, raw)
+                response = await self._open(request, lease.backend, headers, data)
+                if response is not None:
+                    await self.relay.stream(request, response, familyFor(path))
+                    return
+                lease = await lease.retry()
         finally:
             lease.release()
 
-    def _failed(self, backend: Backend, reason: str) -> None:
+    async def _open(
+        self, request: IRequest, backend: Backend, headers: Headers, data: bytes | None
+    ) -> IResponse | None:
         """
-        A backend failed before answering: no traffic for it until a probe succeeds.
+        Send the request to C{backend}. L{None} when the backend failed before answering
+        (refused, dropped, or 502/503/504): it is then marked offline until a probe finds
+        it working, and the caller fails over.
         """
+        try:
+            response = await self.relay.open(backend, request.method, request.uri, headers, data)
+        except BackendUnreachable as e:
+            reason = str(e)
+        else:
+            if response.code not in FAILOVER_STATUSES:
+                return response
+            self.relay.discard(response)
+            reason = f"backend {backend.name} answered {response.code}"
         log.warn("{reason}; marking it offline and failing over", reason=reason)
         self.pool.markOffline(backend, reason)
+        return None
 
     async def _tryInTurn(self, request: IRequest, backends: list[Backend], data: bytes) -> None:
         """
         Send an unqueued request to the first of C{backends} that answers, failing over.
         """
         headers = self._backendHeaders(request)
-        family = familyFor(request.path)
-        last = "no backend"
         for backend in backends:
-            try:
-                response = await self.relay.open(backend, request.method, request.uri, headers, data)
-            except BackendUnreachable as e:
-                self._failed(backend, str(e))
-                last = str(e)
-                continue
-            if response.code in FAILOVER_STATUSES:
-                self.relay.discard(response)
-                last = f"backend {backend.name} answered {response.code}"
-                continue
-            await self.relay.stream(request, response, family)
-            return
-        raise BadGateway(last, code="backend_failed")
+            response = await self._open(request, backend, headers, data)
+            if response is not None:
+                await self.relay.stream(request, response, familyFor(request.path))
+                return
+        reasons = "; ".join(b.error or b.name for b in backends)
+        raise BadGateway(f"no backend could answer: {reasons}", code="backend_failed")
 
     # --- model management: one named backend, or every online Ollama backend ---
 
