@@ -196,8 +196,9 @@ class _AnnouncedEndpoint:
 
 class _DrainService(service.Service):
     """
-    On stop: refuse new requests, let running ones finish for a grace period, then close
-    the backend connection pool (which cuts whatever is still running).
+    On stop: refuse new requests (queued ones get 503), let running ones finish for a
+    grace period, then close the idle backend connections. Whatever still runs after the
+    grace period is cut when the reactor stops.
     """
 
     def __init__(self, scheduler: Scheduler, httpPool: HTTPConnectionPool, clock: Any,

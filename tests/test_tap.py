@@ -144,3 +144,54 @@ class ServiceTests(SynchronousTestCase):
         d = service.stopService()
         reactor.advance(0.1)
         self.successResultOf(d)
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    Stopping lets running requests finish, within a grace period.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.web.client import HTTPConnectionPool
+
+        from ollamamq.backends import OLLAMA, Backend, BackendPool
+        from ollamamq.config import Config
+        from ollamamq.scheduler import Job, Scheduler
+        from ollamamq.tap import _DrainService
+
+        self.clock = Clock()
+        pool = BackendPool([Backend(name="a", url="http://a", slots=2)])
+        pool.markOnline(pool.get("a"), OLLAMA, ["m"])
+        self.scheduler = Scheduler(pool, self.clock, Config())
+        job = Job(user="u", kinds=frozenset({OLLAMA}), model="m:latest")
+        self.lease = self.successResultOf(self.scheduler.enqueue(job))
+        self.queued = self.scheduler.enqueue(job)
+        self.queued2 = self.scheduler.enqueue(job)
+        self.drain = _DrainService(self.scheduler, HTTPConnectionPool(self.clock), self.clock, 5)
+        self.drain.startService()
+
+    def test_waitsForRunning(self) -> None:
+        """
+        Stopping refuses new work and fires once the running requests are released.
+        """
+        d = self.drain.stopService()
+        self.clock.advance(1)
+        self.assertNoResult(d)
+        self.assertEqual(self.scheduler.active, 2)
+        self.lease.release()
+        self.successResultOf(self.queued).release()
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+        self.failureResultOf(self.queued2)
+
+    def test_graceEnds(self) -> None:
+        """
+        After the grace period stopping completes even with requests still running.
+        """
+        d = self.drain.stopService()
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.successResultOf(d)
+        self.failureResultOf(self.queued2)
