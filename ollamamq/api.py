@@ -373,7 +373,11 @@ class ProxyAPI:
                 if response is not None:
                     await self.relay.stream(request, response, familyFor(path))
                     return
-                lease = await lease.retry()
+                failed = lease.backend
+                try:
+                    lease = await lease.retry()
+                except BadGateway as e:
+                    raise BadGateway(f"{e.message} ({failed.error})", code=e.code) from None
         finally:
             lease.release()
 

@@ -45,6 +45,26 @@ class HostRouter(Resource):
         return self.resources[request.getRequestHostname().decode()].render(request)
 
 
+class RefusingAgent:
+    """
+    An agent that refuses connections to the hosts in C{refused}, else delegates.
+    """
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.refused: set[bytes] = set()
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        from urllib.parse import urlsplit
+
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError
+
+        if urlsplit(uri).hostname in self.refused:
+            return fail(ConnectionRefusedError())
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+
 class Proxy:
     """
     An in-memory proxy in front of simulators, with helpers to drive it.
@@ -59,6 +79,7 @@ class Proxy:
             HostRouter({n: s.resource() for n, s in self.sims.items()})
         )
         self.backendHTTP = HTTPClient(self.backendAgent)
+        self.relayAgent = RefusingAgent(self.backendAgent)
         self.config = Config(**configFields)
         self.pool = BackendPool(
             Backend(name=name, url=f"http://{name}", slots=options.slots)
@@ -71,7 +92,7 @@ class Proxy:
             config=self.config,
             pool=self.pool,
             scheduler=self.scheduler,
-            relay=Relay(self.backendAgent, self.clock, self.config.timeout),
+            relay=Relay(self.relayAgent, self.clock, self.config.timeout),
             identity=IdentityResolver(self.config),
             catalog=catalog,
             aggregator=Aggregator(self.pool, self.backendHTTP, self.clock, catalog, 5),
@@ -402,6 +423,27 @@ class FailoverTests(SynchronousTestCase):
         response, content = proxy.complete("POST", "/api/chat", CHAT)
         self.assertEqual(response.code, 502)
         self.assertEqual(proxy.scheduler.active, 0)
+
+    def test_connectionRefused(self) -> None:
+        """
+        A refused connection fails over to the other backend; with none left the client
+        gets a 502 in its family's shape, and the refusing backend is offline.
+        """
+        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")})
+        proxy.relayAgent.refused.add(b"a")
+        codes = [proxy.complete("POST", "/api/chat", CHAT)[0].code for _ in range(3)]
+        self.assertEqual(codes, [200, 200, 200])
+        self.assertFalse(proxy.pool.get("a").online)
+        proxy.probe()  # a comes back: the probes do not go through the refusing agent
+        self.assertTrue(proxy.pool.get("a").online)
+        proxy.relayAgent.refused.add(b"b")
+        response, content = proxy.complete("POST", "/v1/chat/completions", CHAT)
+        self.assertEqual(response.code, 502)
+        error = json.loads(content)["error"]
+        self.assertEqual((error["type"], error["code"]), ("server_error", "backend_failed"))
+        self.assertIn("Connection was refused", error["message"])
+        self.assertEqual(proxy.scheduler.active, 0)
+        self.flushLoggedErrors()
 
     def test_internalErrorRelayed(self) -> None:
         """
