@@ -122,7 +122,11 @@ class Options(usage.Options):
             try:
                 # Parsing only: a memory reactor, since twistd installs the real one later.
                 endpoints.serverFromString(MemoryReactor(), description)
-            except (ValueError, TypeError, KeyError) as e:
+            except KeyError as e:
+                raise usage.UsageError(
+                    f"--listen {description!r}: systemd passed no socket named {e}"
+                ) from None
+            except (ValueError, TypeError) as e:
                 raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}") from None
 
     def _cliFields(self) -> dict[str, Any]:

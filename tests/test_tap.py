@@ -195,3 +195,19 @@ class DrainTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.successResultOf(d)
         self.failureResultOf(self.queued2)
+
+
+
+class SystemdListenTests(SynchronousTestCase):
+    """
+    C{--listen systemd:...} takes sockets passed by systemd (socket activation).
+    """
+
+    def test_missingSocket(self) -> None:
+        """
+        Naming a socket systemd did not pass is a usage error that says so (rather than a
+        daemon that starts and serves nothing).
+        """
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--listen", "systemd:domain=INET:name=http")
+        self.assertIn("systemd passed no socket named 'http'", str(caught.exception))
