@@ -520,6 +520,29 @@ class ManagementTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["error"], "no backend named 'zzz'")
 
 
+    def test_fanOutToEveryBackend(self) -> None:
+        """
+        Without X-Backend, a management request goes to every online Ollama backend and
+        the answer names each backend's result; the worst status wins.
+        """
+        response, body = self.proxy.complete("POST", "/api/copy",
+                                             {"source": "llama3", "destination": "x",
+                                              "stream": False},
+                                             {"Authorization": "Bearer k"})
+        answer = json.loads(body)
+        self.assertEqual(sorted(answer["backends"]), ["a", "b"])
+        self.assertEqual(response.code, 404)  # the simulators have no /api/copy
+        self.assertEqual(answer["status"], "error")
+
+    def test_namedBackend(self) -> None:
+        """
+        With X-Backend the request goes to that backend only, relayed as it answers.
+        """
+        response, body = self.proxy.complete("POST", "/api/copy", {"source": "llama3"},
+                                             {"X-Admin-Key": "k", "X-Backend": "b"})
+        self.assertEqual(response.headers.getRawHeaders(b"x-sim-backend"), [b"b"])
+
+
 class ShowAndAggregateTests(SynchronousTestCase):
     """
     Routes answered without queueing.
