@@ -102,8 +102,8 @@ def _isCancel(failure: Failure) -> bool:
 def _describe(failure: Failure) -> str:
     if failure.check(ResponseNeverReceived):
         reasons = failure.value.reasons
-        return reasons[0].getErrorMessage() if reasons else "no response"
-    return failure.getErrorMessage() or failure.type.__name__
+        return reasons[0].getErrorMessage().rstrip(".") if reasons else "no response"
+    return failure.getErrorMessage().rstrip(".") or failure.type.__name__
 
 
 @implementer(IBodyProducer)

@@ -201,13 +201,14 @@ class PoolTests(ProcessTestCase):
         restarting it brings traffic back; /api/tags answers while every slot is busy.
         """
         aURL, a = await self.startSimulator("--models", "llama3.2,qwen2.5", "--name", "a",
-                                            "--tps", "20", "--tokens", "20")
+                                            "--tps", "20", "--tokens", "20",
+                                            "--load-delay", "2", "--max-loaded", "1")
         bURL, b = await self.startSimulator("--models", "llama3.2,mistral", "--name", "b",
                                             "--tps", "20", "--tokens", "20")
         cURL, c = await self.startSimulator("--api", "openai", "--models", "gpt-oss",
                                             "--name", "c", "--tps", "20", "--tokens", "20")
         url, proxy = await self.startProxy("--backend", aURL, "--backend", bURL,
-                                           "--backend", cURL, "--health-interval", "0.5",
+                                           "--backend", cURL, "--health-interval", "2",
                                            backends=3)
 
         async def post(path: str, body: dict, user: str = "u") -> tuple[int, bytes, Any]:
@@ -226,9 +227,9 @@ class PoolTests(ProcessTestCase):
         self.assertEqual(native[0], 503)
 
         # Two one-slot backends share llama3.2: two requests run at once, while the
-        # aggregated /api/tags still answers.
-        both = [ensureDeferred(post("/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False},
-                     user=f"p{i}")) for i in range(2)]
+        # aggregated /api/tags still answers. (keep_alive 0: a unloads the model after.)
+        once = {"model": "llama3.2", "prompt": "x", "stream": False, "keep_alive": 0}
+        both = [ensureDeferred(post("/api/generate", once, user=f"p{i}")) for i in range(2)]
         await a.waitFor(r"request \d+ /api/generate user=p\d started")
         await b.waitFor(r"request \d+ /api/generate user=p\d started")
         tagsResponse = await self.http.get(url + "/api/tags")
@@ -243,13 +244,26 @@ class PoolTests(ProcessTestCase):
         (start1, end1), (start2, end2) = spans
         self.assertTrue(start1 < end2 and start2 < end1, f"not concurrent: {spans}")
 
-        # Kill a: every llama3.2 request still succeeds, on b.
+        # Kill a mid-run, while its request waits for the model to load (a has a load
+        # delay): that request fails over to b before its first byte, and so does every
+        # new llama3.2 request. No client sees an error.
+        streams = [ensureDeferred(post("/api/generate", {"model": "llama3.2", "prompt": "x",
+                                                          "options": {"num_predict": 40}},
+                                       user=f"s{i}")) for i in range(2)]
+        await a.waitFor(r"user=s\d started")
+        await b.waitFor(r"user=s\d started")
         aPort = urlsplit(aURL).port
         a.transport.signalProcess("KILL")
         await a.ended
-        results = [await post("/api/generate", {"model": "llama3.2", "prompt": "x",
-                                                "stream": False}) for _ in range(3)]
+        fresh = [ensureDeferred(post("/api/generate", {"model": "llama3.2", "prompt": "x",
+                                                        "stream": False}, user=f"n{i}"))
+                 for i in range(3)]
+        results = [await d for d in fresh]
         self.assertEqual([(r[0], served(r[2])) for r in results], [(200, "b")] * 3)
+        for code, body, response in [await d for d in streams]:
+            self.assertEqual((code, served(response)), (200, "b"))
+            self.assertTrue(json.loads(body.splitlines()[-1])["done"])
+        await proxy.waitFor(r"marking it offline and failing over")
 
         # Restart a on its port: the next probe brings it back and traffic returns.
         aURL2, a2 = await self.startSimulator("--models", "llama3.2,qwen2.5", "--name", "a",
