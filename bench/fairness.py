@@ -17,6 +17,8 @@ C: a VIP light user and a normal light user (loop 1 each) against a 30-request f
 D: C{priority = "boost"} vs normal, equal weights, both backlogged, one slot, 8 s.
 E: equal weights, both backlogged, one user asking for answers 3x as long (C{num_predict}
    60 vs 20): the scheduler charges one unit per request, so GPU time splits 3:1.
+E2: scenario E with C{fair_share = "time"} in the proxy's config: the scheduler charges
+   lease seconds, so GPU time should split 1:1 (and requests 1:3).
 
 Measurements come from the simulator's own request log (C{GET /sim/stats}: per request
 C{user}, C{receivedAt}, C{startedAt}, C{finishedAt}, headers), matched to the client's
@@ -115,6 +117,7 @@ class Scenario:
     slots: int
     users: list[UserLoad]
     duration: float | None = None  # for loop-only scenarios
+    fairShare: str = "requests"  # [server] fair_share of the proxy
 
 
 SCENARIOS = [
@@ -169,6 +172,17 @@ SCENARIOS = [
             UserLoad("short", "loop", 4),
         ],
         duration=9.0,
+    ),
+    Scenario(
+        "E2",
+        'scenario E with fair_share = "time" (the unit of service is lease seconds)',
+        1,
+        [
+            UserLoad("long", "loop", 4, tokens=3 * TOKENS),
+            UserLoad("short", "loop", 4),
+        ],
+        duration=9.0,
+        fairShare="time",
     ),
 ]
 
@@ -245,7 +259,8 @@ class Run:
 
 
 def proxyConfig(simURL: str, scenario: Scenario) -> str:
-    lines = ["[[backends]]", f'url = "{simURL}"', 'name = "sim"', f"slots = {scenario.slots}", ""]
+    lines = ["[server]", f'fair_share = "{scenario.fairShare}"', ""]
+    lines += ["[[backends]]", f'url = "{simURL}"', 'name = "sim"', f"slots = {scenario.slots}", ""]
     for user in scenario.users:
         lines += [f"[users.{user.name}]", f"weight = {user.weight}",
                   f'priority = "{user.priority}"', ""]

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 
 PRIORITIES = ("vip", "boost", "normal")
+FAIR_SHARES = ("requests", "time")
 DEFAULT_PORT = 11435
 DEFAULT_BACKEND = "http://localhost:11434"
 
@@ -99,6 +100,8 @@ class Config:
     maxBodyBytes: int = 100 * 1024 * 1024
     queueTimeout: float | None = None
     idleForget: float = 3600.0
+    # The unit of fair share: dispatched requests, or lease seconds (GPU time).
+    fairShare: str = "requests"
     trustUserHeader: bool = True
     trustedProxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1/32"),)
     adminKey: str | None = None
@@ -152,6 +155,13 @@ def _networks(key: str, value: Any) -> tuple[IPNetwork, ...]:
 def _keepAlive(key: str, value: Any) -> str | int:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ConfigError(f"{key}: expected a duration such as \"30m\" or seconds, got {value!r}")
+    return value
+
+
+def _fairShare(key: str, value: Any) -> str:
+    if value not in FAIR_SHARES:
+        allowed = " or ".join(f'"{v}"' for v in FAIR_SHARES)
+        raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
     return value
 
 
@@ -209,6 +219,7 @@ _SERVER_KEYS: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = {
     "max_body_bytes": ("maxBodyBytes", _positiveInt),
     "queue_timeout": ("queueTimeout", _positiveNumber),
     "idle_forget": ("idleForget", _positiveNumber),
+    "fair_share": ("fairShare", _fairShare),
     "trust_user_header": ("trustUserHeader", _bool),
     "trusted_proxies": ("trustedProxies", _networks),
     "admin_key": ("adminKey", _string),

@@ -14,9 +14,9 @@ Start-time fair queuing, which is also the "virtual token counter" of Sheng et a
 I{Fairness in Serving Large Language Models} (OSDI 2024). Every user has a service
 counter C{S}. When a slot is free, the request dispatched is the head of the user with the
 lowest C{S} among the users with a queued request that a free slot can serve; dispatching
-advances that user's C{S} by C{cost / weight} (the cost is one request today, see
-L{REQUEST_COST}; GPU-seconds or tokens fit the same structure). Ties go to the older
-request.
+advances that user's C{S} by C{cost / weight} (the cost is one request by default, see
+L{REQUEST_COST}, or lease seconds, see I{Service in lease seconds} below). Ties go to the
+older request.
 
   - Priorities are tiers: every C{vip} request that a free slot can serve goes before any
     other request; within a tier users share by weight. C{boost} doubles the user's weight.
@@ -45,6 +45,53 @@ The backend for the chosen request is the pool's choice (L{BackendPool.choose}: 
 with the model loaded first); that can take the one free slot another model could have
 used, which then waits for the next release.
 
+Service in lease seconds
+------------------------
+
+Counting requests gives a user whose answers take three times as long three times the GPU
+(C{bench/fairness.py}, scenario E). With C{[server] fair_share = "time"} the unit of service
+is lease seconds instead: clock time from grant to release, a slot being one share of a
+GPU. A request's duration is known only when it ends, so its charge comes in two parts:
+
+  - At dispatch, a provisional C{estimate / weight}. The estimate is a smoothed mean (the
+    newest lease weighs 0.2, L{_LEASE_SMOOTHING}) of the user's past lease durations for
+    the same model, else for any model, else of every user's leases, else 1 second
+    (L{DEFAULT_ESTIMATE}); never below L{MIN_ESTIMATE}. A burst of dispatches before
+    anything finishes (many free slots) is thus already split by expected cost.
+  - At release, a correction of C{(duration - estimate) / weight}, the weight being the
+    one charged at dispatch, so a finished lease is charged exactly C{duration / weight}.
+    A counter that goes down is re-pushed into the heaps at once, like a refund; one that
+    goes up leaves lower bounds there, fixed lazily like any other charge.
+
+A retried lease is refunded entirely, as in request mode, and teaches no estimate; a
+forgotten idle user's estimates go with it. The idle rule is unchanged: a user becoming
+backlogged starts at C{max(own S, V)}, so a correction that lands while the user is idle
+neither banks credit (its C{S} is raised to C{V}) nor is forgiven (a debt keeps C{S} above
+C{V}).
+
+Bound (lease seconds). Same conditions as for the bound above. Take an interval
+during which user I{i} stays backlogged and is not dispatched, and let C{d_i} be the
+longer of the duration and the estimate of I{i}'s last lease started before the interval
+(0 if none). Then another user I{j}'s leases dispatched in the interval last in total at
+most::
+
+    (w_j / w_i) d_i + d_j + w_j e
+
+seconds, where C{d_j} (at most I{j}'s longest lease) is the duration of the last of them
+and C{e = 0} with one slot. Why: I{j} is dispatched only while C{S_j <= S_i}, and each of
+its leases, once corrected, adds its duration C{/ w_j} to C{S_j}; C{S_i} stays within
+C{d_i / w_i} of where I{i}'s last dispatch started, below which no backlogged counter (nor
+C{V}) lies at that moment. With C{K} slots, corrections still pending move the counters:
+C{e} sums the estimation errors C{|duration - estimate| / weight} that can work against
+I{i} (I{i}'s underestimates and everyone's overestimates among the leases running when
+I{i} was last dispatched or when the interval began, and I{j}'s underestimates among its
+interval leases still running at its last dispatch there): at most C{3K - 2} leases, so
+C{e <= (3K - 2) err / w_min} for C{err} the largest estimation error.
+C{tests.test_scheduler} asserts the exact form (and C{e = 0} for one slot) on random
+workloads with random durations. The slack does not accumulate: while two users stay
+backlogged, their lease seconds divided by their weights differ by a bounded amount, so
+their shares converge to the weights.
+
 FIFO
 ====
 
@@ -63,8 +110,9 @@ valid while its queue still points at it; a dispatch raises the user's counter w
 touching the user's entries in other classes (their keys become lower bounds, fixed with
 one re-push when they reach the top); cancellation marks the ticket and removes it when it
 reaches the head. Keys that go I{down} (refund, a retried request put ahead, a priority
-change) are re-pushed at once. Heaps and queues are compacted when more than half of their
-entries are dead, so memory stays proportional to what is queued.
+change, a lease that ended before its estimate) are re-pushed at once. Heaps and queues are
+compacted when more than half of their entries are dead, so memory stays proportional to
+what is queued.
 
 One dispatch decision costs O(F + sum over the F backends with free slots of
 min(M_b, C) + log U) amortized, for F free backends, M_b models on backend b, C classes
@@ -73,7 +121,10 @@ classes the free backends serve and never scans the queue, so 10,000 queued requ
 about what 10 do (see C{bench/scheduler.py}). Enqueue is O(B + log U) for B backends (the
 admission check asks the pool whether anything serves the request); cancellation is O(1)
 amortized. Queue timeouts use one timer and a deque (deadlines arrive in enqueue order);
-forgetting idle users one timer and a heap with at most one entry per user.
+forgetting idle users one timer and a heap with at most one entry per user. With
+C{fair_share = "time"} a dispatch also looks up the user's estimate (two dict lookups), and
+a release corrects the counter and, when the lease ended before its estimate, re-pushes the
+user's entries: O(Q log U) for a user with queues in Q classes.
 
 Reentrancy
 ==========
@@ -108,7 +159,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamamq.backends import Backend, BackendPool
-from ollamamq.config import PRIORITIES, Config
+from ollamamq.config import FAIR_SHARES, PRIORITIES, Config
 from ollamamq.errors import BadGateway, TooManyRequests, Unavailable
 
 VIP = 0
@@ -116,12 +167,26 @@ NORMAL = 1
 
 REQUEST_COST = 1.0
 """
-What one dispatched request costs the user's counter (before dividing by the weight).
+What one dispatched request costs the user's counter (before dividing by the weight), with
+C{fair_share = "requests"}.
+"""
+
+DEFAULT_ESTIMATE = 1.0
+"""
+Seconds a lease is expected to last before any lease has finished (C{fair_share = "time"}).
+"""
+
+MIN_ESTIMATE = 1e-3
+"""
+The least provisional duration (seconds) charged at dispatch with C{fair_share = "time"}:
+a user whose leases took no measurable time must not be charged nothing, which would let
+its burst take every free slot before the first correction.
 """
 
 _LEASE_SMOOTHING = 0.2
 """
-Weight of the newest lease duration in the running mean used for Retry-After.
+Weight of the newest lease duration in the running means: the one used for Retry-After
+and, with C{fair_share = "time"}, the per-user estimates.
 """
 
 _EPSILON = 1e-9
@@ -182,6 +247,8 @@ class Lease:
     _charge: float = attrs.field(repr=False)
     _grantedAt: float = attrs.field(repr=False)
     _finished: bool = attrs.field(default=False, repr=False)
+    # The weight the charge was divided by: a correction uses it even after a policy change.
+    _weight: float = attrs.field(default=1.0, repr=False)
 
     def release(self) -> None:
         """
@@ -308,6 +375,9 @@ class _User:
     @ivar counter: service received / weight, in the tier's virtual time.
     @ivar configured: named in the config file: never forgotten.
     @ivar policySet: given a policy through L{Scheduler.setPolicy}: never forgotten.
+    @ivar meanLease: smoothed duration of the user's leases (C{fair_share = "time"}), or
+        L{None} before the first one ends.
+    @ivar modelLease: the same per model.
     """
 
     id: str
@@ -323,6 +393,8 @@ class _User:
     queues: dict[tuple, _Queue] = attrs.field(factory=dict)
     idleSince: float = 0.0
     idlePending: bool = False
+    meanLease: float | None = None
+    modelLease: dict[str | None, float] = attrs.field(factory=dict)
 
     @property
     def tier(self) -> int:
@@ -357,11 +429,18 @@ class Scheduler:
             changes.
         @param clock: the time source for waits, timeouts and forgetting idle users.
         @param config: limits (C{maxQueuedPerUser}, C{maxQueuedTotal}, C{queueTimeout},
-            C{idleForget}, C{healthInterval}) and the configured users.
+            C{idleForget}, C{healthInterval}), the unit of service (C{fairShare}) and the
+            configured users.
+        @raise ValueError: for a C{fairShare} that is not one of L{FAIR_SHARES}.
         """
+        if config.fairShare not in FAIR_SHARES:
+            raise ValueError(
+                f"fairShare must be one of {', '.join(FAIR_SHARES)}, got {config.fairShare!r}"
+            )
         self._pool = pool
         self._clock = clock
         self._config = config
+        self._timeShare = config.fairShare == "time"
         self._users: dict[str, _User] = {}
         for userID, userConfig in config.users.items():
             self._users[userID] = _User(
@@ -860,7 +939,11 @@ class Scheduler:
         start = user.counter
         self._lastStart.setdefault((job.kinds, job.model), [None, None])[tier] = start
         self._tierStart[tier] = start
-        charge = REQUEST_COST / user.effectiveWeight
+        weight = user.effectiveWeight
+        if self._timeShare:
+            charge = self._estimate(user, job.model) / weight
+        else:
+            charge = REQUEST_COST / weight
         user.counter = start + charge
         user.served += 1
         user.active += 1
@@ -875,6 +958,7 @@ class Scheduler:
             ticket=ticket,
             charge=charge,
             grantedAt=now,
+            weight=weight,
         )
         ticket.lease = lease
         assert ticket.deferred is not None
@@ -915,8 +999,44 @@ class Scheduler:
             self._meanLease = duration
         else:
             self._meanLease += _LEASE_SMOOTHING * (duration - self._meanLease)
+        if self._timeShare:
+            self._correct(user, lease, duration)
         self._maybeIdle(user)
         self._run()
+
+    def _estimate(self, user: _User, model: str | None) -> float:
+        """
+        How long C{user}'s next lease for C{model} is expected to last, in seconds (see the
+        module docstring).
+        """
+        estimate = user.modelLease.get(model)
+        if estimate is None:
+            estimate = user.meanLease
+            if estimate is None:
+                estimate = self._meanLease
+                if estimate is None:
+                    estimate = DEFAULT_ESTIMATE
+        return max(estimate, MIN_ESTIMATE)
+
+    def _correct(self, user: _User, lease: Lease, duration: float) -> None:
+        """
+        Charge a released lease its actual duration instead of the estimate charged at
+        dispatch, and learn from it.
+        """
+        model = lease.job.model
+        mean = user.modelLease.get(model)
+        user.modelLease[model] = (
+            duration if mean is None else mean + _LEASE_SMOOTHING * (duration - mean)
+        )
+        mean = user.meanLease
+        user.meanLease = duration if mean is None else mean + _LEASE_SMOOTHING * (duration - mean)
+        correction = duration / lease._weight - lease._charge
+        if correction:
+            user.counter += correction
+            if correction < 0:
+                # The key went down: its heap entries must not stay above it. (Going up,
+                # they are lower bounds, fixed when they reach the top.)
+                self._reindexUser(user)
 
     def _retry(self, lease: Lease) -> Deferred[Lease]:
         """

@@ -164,6 +164,39 @@ class ParseTOMLTests(SynchronousTestCase):
         )
 
 
+class FairShareTests(SynchronousTestCase):
+    """
+    C{[server] fair_share} picks the scheduler's unit of service.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without the key, service is counted in requests.
+        """
+        self.assertEqual(buildConfig({}, {}, {}).fairShare, "requests")
+
+    def test_values(self) -> None:
+        """
+        Both documented values are accepted as they are.
+        """
+        for value in ("requests", "time"):
+            config = buildConfig(parseTOML(f'[server]\nfair_share = "{value}"\n'), {}, {})
+            self.assertEqual(config.fairShare, value)
+
+    def test_badValues(self) -> None:
+        """
+        Anything else (another word, another case, another type) is a L{ConfigError} naming
+        the key, the allowed values and the bad value.
+        """
+        cases = (('"gpu"', "'gpu'"), ('"Time"', "'Time'"), ("1", "1"), ('["time"]', "['time']"))
+        for raw, shown in cases:
+            with self.assertRaises(ConfigError) as caught:
+                parseTOML(f"[server]\nfair_share = {raw}\n")
+            message = str(caught.exception)
+            for fragment in ("server.fair_share", '"requests"', '"time"', f"got {shown}"):
+                self.assertIn(fragment, message)
+
+
 class PrecedenceTests(SynchronousTestCase):
     """
     Command line over environment over file over defaults.

@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 
+import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
@@ -1361,3 +1362,520 @@ class PropertyTests(SynchronousTestCase):
                 if not backlogged(user):
                     del since[user]
         model.finish()
+
+
+# --- service in lease seconds ---
+
+
+class LeaseSecondsTests(SynchronousTestCase):
+    """
+    C{fair_share = "time"}: users share lease seconds (GPU time), not requests.
+    """
+
+    def contend(
+        self,
+        fairShare: str,
+        durations: dict[str, float],
+        weights: dict[str, float] | None = None,
+        slots: int = 1,
+        dispatches: int = 400,
+    ) -> list[Counter[str]]:
+        """
+        Keep every user of C{durations} backlogged (4 queued requests each) on one backend
+        with C{slots} slots, each of C{user}'s leases lasting C{durations[user]} seconds on
+        the clock, until C{dispatches} requests were dispatched.
+
+        @return: after each dispatch, the lease seconds dispatched so far, per user.
+        """
+        users = {u: UserConfig(weight=w) for u, w in (weights or {}).items()}
+        h = Harness(users=users, maxQueuedPerUser=1000, fairShare=fairShare)
+        onlineBackend(h.pool, "b1", slots=slots)
+        seconds: Counter[str] = Counter()
+        prefixes: list[Counter[str]] = []
+
+        def granted(lease: Lease) -> Lease:
+            """
+            Count the lease's seconds, end it when they are up, and queue the user's next
+            request so the queue depth stays the same.
+            """
+            user = lease.job.user
+            seconds[user] += durations[user]
+            prefixes.append(Counter(seconds))
+            h.clock.callLater(durations[user], lease.release)
+            if len(prefixes) < dispatches:
+                h.scheduler.enqueue(job(user)).addCallback(granted)
+            return lease
+
+        for _ in range(4):
+            for user in durations:
+                h.scheduler.enqueue(job(user)).addCallback(granted)
+        while len(prefixes) < dispatches:
+            h.clock.advance(0.5)
+        return prefixes[:dispatches]
+
+    def test_unknownFairShare(self) -> None:
+        """
+        A unit of service the scheduler does not know is refused when it is built (the
+        config file's check names the key; this guards configs built in code).
+        """
+        with self.assertRaises(ValueError) as caught:
+            Harness(fairShare="tokens")
+        self.assertIn("'tokens'", str(caught.exception))
+
+    def test_longAnswersEqualTime(self) -> None:
+        """
+        Two equal users, one whose leases last three times as long: each gets half the
+        lease seconds (48-52% over 400 dispatches, and never more than one long lease
+        ahead of the other), where counting requests gives the long user 75%.
+        """
+        durations = {"long": 3.0, "short": 1.0}
+        prefixes = self.contend("time", durations)
+        final = prefixes[-1]
+        share = final["long"] / (final["long"] + final["short"])
+        self.assertTrue(0.48 <= share <= 0.52, share)
+        for prefix in prefixes:
+            self.assertLessEqual(abs(prefix["long"] - prefix["short"]), 3.0, prefix)
+
+        final = self.contend("requests", durations)[-1]
+        share = final["long"] / (final["long"] + final["short"])
+        self.assertAlmostEqual(share, 0.75, delta=0.01)
+
+    def test_weightsOneToThreeInTime(self) -> None:
+        """
+        Weights 1 and 3 split lease seconds 1:3 (73-77%) even when the heavier user's leases
+        are twice as long; counting requests would give it 6:1 (86%).
+        """
+        durations = {"plain": 1.0, "heavy": 2.0}
+        weights = {"plain": 1.0, "heavy": 3.0}
+        final = self.contend("time", durations, weights)[-1]
+        share = final["heavy"] / (final["heavy"] + final["plain"])
+        self.assertTrue(0.73 <= share <= 0.77, share)
+
+        final = self.contend("requests", durations, weights)[-1]
+        share = final["heavy"] / (final["heavy"] + final["plain"])
+        self.assertAlmostEqual(share, 6 / 7, delta=0.01)
+
+    def test_manySlotsEqualTime(self) -> None:
+        """
+        With four slots the provisional charges keep the long user from taking the slots
+        the short user's requests free up: the lease seconds still split 48-52%.
+        """
+        prefixes = self.contend("time", {"long": 3.0, "short": 1.0}, slots=4, dispatches=800)
+        final = prefixes[-1]
+        share = final["long"] / (final["long"] + final["short"])
+        self.assertTrue(0.48 <= share <= 0.52, share)
+
+    def burst(self, h: Harness, slots: int, counts: dict[str, int]) -> None:
+        """
+        Queue C{counts[user]} requests per user (in that order) while another user holds
+        the only slot of C{b1}, then give C{b1} C{slots} more: they are filled in one go,
+        before any lease ends.
+        """
+        backend = h.pool.get("b1")
+        backend.slots = 1
+        self.successResultOf(h.scheduler.enqueue(job("blocker")))
+        for user, count in counts.items():
+            for i in range(count):
+                h.submit(f"{user}{i}", job(user))
+        backend.slots = slots + 1
+        h.pool.changed()
+
+    def test_burstOfFreshUsersAlternates(self) -> None:
+        """
+        Before any lease has ended every request is expected to last 1 second, so two new
+        users filling four free slots at once alternate.
+        """
+        h = Harness(fairShare="time", maxQueuedPerUser=100)
+        onlineBackend(h.pool, "b1")
+        self.burst(h, 4, {"a": 10, "b": 10})
+        self.assertEqual(h.labels(), ["a0", "b0", "a1", "b1"])
+        self.assertEqual(h.scheduler.queued, 16)
+
+    def runAlone(self, h: Harness, user: str, duration: float) -> None:
+        """
+        Run one request of C{user} for C{duration} seconds with nobody else around.
+        """
+        lease = self.successResultOf(h.scheduler.enqueue(job(user)))
+        h.clock.advance(duration)
+        lease.release()
+
+    def learnedHistory(self) -> Harness:
+        """
+        A harness where C{a} ran one 3-second lease and C{b} three 1-second ones, one at a
+        time: both have received 3 lease seconds (equal counters), and their estimates are
+        3 and 1 seconds.
+        """
+        h = Harness(fairShare="time", maxQueuedPerUser=100)
+        onlineBackend(h.pool, "b1")
+        self.runAlone(h, "a", 3)
+        for _ in range(3):
+            self.runAlone(h, "b", 1)
+        return h
+
+    def test_burstSplitByEstimate(self) -> None:
+        """
+        Once the estimates are known (3 s for a, 1 s for b), a burst filling eight free
+        slots at once gives b three requests for each one of a's.
+        """
+        h = self.learnedHistory()
+        self.burst(h, 8, {"a": 8, "b": 8})
+        self.assertEqual(h.labels(), ["a0", "b0", "b1", "b2", "a1", "b3", "b4", "b5"])
+
+    def test_longerThanEstimateCharged(self) -> None:
+        """
+        A lease that runs longer than estimated charges the excess at its release: a new
+        user's first lease is expected to last 1 second; when it lasts 3, the other user
+        (1-second leases) goes three times before it goes again.
+        """
+        h = Harness(fairShare="time", maxQueuedPerUser=100)
+        onlineBackend(h.pool, "b1")
+        self.burst(h, 1, {"a": 3, "b": 4})
+        h.clock.advance(3)
+        h.releaseNext()
+        for _ in range(3):
+            h.clock.advance(1)
+            h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "b0", "b1", "b2", "a1"])
+
+    def test_shorterThanEstimateRefunded(self) -> None:
+        """
+        A lease that ends before its estimate gives the difference back at once: a,
+        expected to take 3 seconds, takes 1, and is next again after one of b's 1-second
+        leases instead of after three.
+        """
+        h = self.learnedHistory()
+        self.burst(h, 1, {"a": 2, "b": 3})
+        for _ in range(3):
+            h.clock.advance(1)
+            h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "b0", "a1", "b1"])
+
+    def test_correctionAcrossModels(self) -> None:
+        """
+        A correction that lowers a user's counter reaches the user's queues for every
+        model: after a's 3-second estimate for m turns out to be 1 second, a's queued
+        request for n is ordered by the corrected counter.
+        """
+        h = self.learnedHistory()
+        n = onlineBackend(h.pool, "b2", models=["n"])
+        other = self.successResultOf(h.scheduler.enqueue(job("x", "n:latest")))
+        self.burst(h, 1, {"a": 1, "b": 1})
+        h.submit("a-n", job("a", "n:latest"))
+        h.submit("b-n", job("b", "n:latest"))
+        self.assertEqual(h.labels(), ["a0"])
+        h.clock.advance(1)
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "b0"])
+        # a is at 3 + 1 = 4 seconds, b at 3 + 1 provisional: tied, a's request is older.
+        # (Had a's entry for n kept the key it was queued with, 3 + 3, b would go first.)
+        other.release()
+        self.assertEqual(h.labels(), ["a0", "b0", "a-n"])
+        self.assertIs(h.grants[-1][1].backend, n)
+
+    def test_retryRefundedEntirely(self) -> None:
+        """
+        A retried lease is not charged in lease seconds either, whatever time it held the
+        slot, and teaches nothing about the user's durations.
+        """
+        h = Harness(fairShare="time")
+        onlineBackend(h.pool, "b1")
+        onlineBackend(h.pool, "b2")
+        h.submit("a0", job("a"))
+        h.submit("b0", job("b"))
+        h.submit("a1", job("a"))
+        h.submit("b1", job("b"))
+        (_, a0), (_, b0) = h.grants
+        h.clock.advance(5)
+        h.pool.markOffline(a0.backend, "connection refused")
+        h.track("a0-retry", a0.retry())
+        state = h.scheduler._users["a"]
+        self.assertEqual((state.counter, state.meanLease, state.modelLease), (0.0, None, {}))
+        b0.release()
+        # a0's retry beats b1 (a is back at 0, b at 5) and a1 (older).
+        self.assertEqual(h.labels()[2:], ["a0-retry"])
+        self.assertEqual(h.scheduler._users["b"].counter, 5.0)
+
+    def test_idleCorrectionBanksNoCredit(self) -> None:
+        """
+        A user that used less than its share because it asked for less banks nothing when
+        its lease's correction lands: a holds one slot of four (estimated 10 s, ends after
+        4) while b's 1-second leases fill the other three; back with a burst, a starts at
+        the virtual time, not at its own lower counter, and takes one of the four slots
+        that free up, not all of them.
+        """
+        h = Harness(fairShare="time", maxQueuedPerUser=100)
+        onlineBackend(h.pool, "b1", slots=4)
+        self.runAlone(h, "a", 10)
+        lease = self.successResultOf(h.scheduler.enqueue(job("a")))
+        for i in range(40):
+            h.submit(f"b{i}", job("b"))
+
+        def tick() -> None:
+            """
+            One second passes; b's leases last one second.
+            """
+            h.clock.advance(1)
+            for _, held in list(h.grants):
+                if not held._finished and h.clock.seconds() - held._grantedAt >= 1:
+                    held.release()
+
+        for _ in range(4):
+            tick()
+        lease.release()
+        users = h.scheduler._users
+        self.assertEqual((users["a"].counter, users["b"].counter), (14.0, 26.0))
+        for i in range(6):
+            h.submit(f"a{i}", job("a"))
+        # Lifted to V: b's last start, 25, instead of keeping 11 seconds of credit.
+        self.assertEqual(users["a"].counter, 25.0)
+        before = len(h.grants)
+        tick()
+        self.assertEqual(h.labels()[before:], ["a0", "b16", "b17", "b18"])
+
+
+DURATIONS = (0.0, 0.5, 1.0, 2.0, 3.0, 7.0)
+
+
+@st.composite
+def timedWorkloads(draw: st.DrawFn) -> dict:
+    """
+    A random pool serving one model, users whose leases last random durations, and a
+    sequence of arrivals, cancellations and clock advances (leases end by themselves).
+    """
+    slots = draw(st.one_of(st.just([1]), st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+    users = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(("normal", "boost", "vip")),
+                st.sampled_from(WEIGHTS),
+                st.lists(st.sampled_from(DURATIONS), min_size=1, max_size=4),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    names = ["enqueue"] * 4 + ["cancel", "advance", "advance"]
+    ops: list[tuple] = []
+    for name in draw(st.lists(st.sampled_from(names), min_size=20, max_size=150)):
+        if name == "enqueue":
+            ops.append((name, draw(st.integers(0, 3)), "m"))
+        elif name == "advance":
+            ops.append((name, draw(st.sampled_from((0.5, 1, 2, 5)))))
+        else:
+            ops.append((name, draw(st.integers(0, 50))))
+    return {
+        "backends": [(n, {"m"}) for n in slots],
+        "users": [(priority, weight) for priority, weight, _ in users],
+        "durations": [durations for _, _, durations in users],
+        "ops": ops,
+    }
+
+
+@attrs.define(eq=False)
+class _Window:
+    """
+    An interval during which a user I{i} is backlogged and not dispatched (see the
+    time-mode bound in L{ollamamq.scheduler}).
+
+    @ivar last: I{i}'s last lease started before the interval, if any.
+    @ivar running: the leases running when I{i} was last dispatched (but that one) or
+        when the interval began.
+    @ivar others: per other user of I{i}'s tier, its leases dispatched in the interval and,
+        for each, its earlier ones of the interval still running then.
+    """
+
+    user: str
+    last: Lease | None
+    running: frozenset[Lease]
+    others: dict[str, list[tuple[Lease, list[Lease]]]] = attrs.field(factory=dict)
+
+
+class TimedPropertyTests(SynchronousTestCase):
+    """
+    Random workloads in lease seconds: nothing lost or served twice, slots respected, FIFO
+    per user, the heap invariant, and the time-mode fairness bound.
+    """
+
+    def assertKeysAreLowerBounds(self, scheduler: Scheduler) -> None:
+        """
+        Every valid heap entry's key is at most its user's counter (a correction that
+        lowers a counter re-pushed the user's entries), so the top of a heap is never
+        above a user that should go before it.
+        """
+        for cls in scheduler._classes.values():
+            for heap in cls.heaps:
+                for entry in heap:
+                    queue = entry[3]
+                    if queue.entry is entry:
+                        self.assertLessEqual(entry[0], queue.user.counter, queue.user.id)
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(workloads(MODELS, retries=True), st.sampled_from([None, 15.0]))
+    def test_invariantsWithRetries(self, workload: dict, queueTimeout: float | None) -> None:
+        """
+        L{PropertyTests.test_invariants} with C{fair_share = "time"} (two models, backend
+        failures with retries, policy changes, timeouts; leases last from their grant to
+        the release operation): every request ends exactly once, slots and counts hold,
+        FIFO per user and model, and no heap key is ever above its user's counter.
+        """
+        model = Model(self, workload, queueTimeout=queueTimeout, idleForget=30.0, fairShare="time")
+        for op in workload["ops"]:
+            model.apply(op)
+            self.assertKeysAreLowerBounds(model.scheduler)
+        model.finish()
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(timedWorkloads())
+    def test_invariantsAndBound(self, workload: dict) -> None:
+        """
+        Over random arrivals, cancellations and lease durations, with C{fair_share =
+        "time"}: every request ends exactly once, backends never run more than their
+        slots, counts are exact at every step, each user's requests are dispatched in
+        arrival order, and while a user I{i} is backlogged and not dispatched another
+        user I{j} of its tier is dispatched at most
+        C{(w_j / w_i) d_i + d_j + w_j e} lease seconds, with C{e = 0} for one slot (see
+        the module docstring of L{ollamamq.scheduler}).
+        """
+        model = Model(self, workload, fairShare="time")
+        users = model.config.users
+        names = sorted(users)
+        slots = sum(n for n, _ in workload["backends"])
+        durations = dict(zip(names, workload["durations"]))
+        leaseCount: Counter[str] = Counter()
+        grantedAt: dict[Lease, float] = {}
+        releasedAt: dict[Lease, float] = {}
+        lastLease: dict[str, Lease] = {}
+        lastRunning: dict[str, frozenset[Lease]] = {}
+        open_: dict[str, _Window] = {}
+        closed: list[_Window] = []
+
+        def weight(user: str) -> float:
+            """
+            The user's effective weight (boost doubles it).
+            """
+            u = users[user]
+            return u.weight * (2 if u.priority == "boost" else 1)
+
+        def tier(user: str) -> bool:
+            """
+            Whether the user is a VIP.
+            """
+            return users[user].priority == "vip"
+
+        def backlogged(user: str) -> bool:
+            """
+            Whether the user has a request waiting.
+            """
+            return any(model.jobs[rid].user == user for rid in model.pending)
+
+        def running() -> frozenset[Lease]:
+            """
+            The leases held now.
+            """
+            return frozenset(model.held.values())
+
+        def close(user: str) -> None:
+            """
+            End the user's open interval, if any.
+            """
+            window = open_.pop(user, None)
+            if window is not None:
+                closed.append(window)
+
+        def release(rid: int, lease: Lease) -> None:
+            """
+            A lease's time is up: release it as the relay would.
+            """
+            if model.held.get(rid) is lease:
+                del model.held[rid]
+                releasedAt[lease] = model.clock.seconds()
+                lease.release()
+                model.outcomes[rid] = "served"
+                self.assertKeysAreLowerBounds(model.scheduler)
+
+        def onDispatch(user: str) -> None:
+            """
+            Give the new lease its duration, and account it to the open intervals.
+            """
+            [(rid, lease)] = [(r, x) for r, x in model.held.items() if x not in grantedAt]
+            grantedAt[lease] = model.clock.seconds()
+            mine = durations[user]
+            model.clock.callLater(mine[leaseCount[user] % len(mine)], release, rid, lease)
+            leaseCount[user] += 1
+            others = running() - {lease}
+            for i, window in open_.items():
+                if i == user or tier(i) != tier(user):
+                    continue
+                earlier = window.others.setdefault(user, [])
+                stillRunning = [x for x, _ in earlier if x in others]
+                earlier.append((lease, stillRunning))
+            close(user)
+            lastLease[user] = lease
+            lastRunning[user] = others
+            if backlogged(user):
+                open_[user] = _Window(user, lease, others)
+
+        model.onDispatch = onDispatch
+        for op in workload["ops"]:
+            if op[0] == "enqueue":
+                user = names[op[1] % len(names)]
+                if not backlogged(user):
+                    last = lastLease.get(user)
+                    before = lastRunning.get(user, frozenset()) - {last}
+                    open_[user] = _Window(user, last, before | running())
+            model.apply(op)
+            self.assertKeysAreLowerBounds(model.scheduler)
+            for user in list(open_):
+                if not backlogged(user):
+                    close(user)
+        while model.held or model.pending:
+            model.clock.advance(1)
+            model.check()
+        for user in list(open_):
+            close(user)
+        model.finish()
+
+        def duration(lease: Lease) -> float:
+            """
+            How long the lease ran.
+            """
+            return releasedAt[lease] - grantedAt[lease]
+
+        def estimate(lease: Lease) -> float:
+            """
+            The duration charged at its dispatch (seconds, before the weight).
+            """
+            return lease._charge * lease._weight
+
+        for window in closed:
+            i = window.user
+            r = window.last
+            d_i = max(duration(r), estimate(r)) if r is not None else 0.0
+            before = window.running - {r}
+            e_i = sum(
+                max(0.0, duration(x) - estimate(x)) / weight(i)
+                for x in before
+                if x.job.user == i
+            )
+            e_all = sum(max(0.0, estimate(x) - duration(x)) / x._weight for x in before)
+            for j, leases in window.others.items():
+                total = sum(duration(x) for x, _ in leases)
+                lastJ, stillRunning = leases[-1]
+                e_j = sum(max(0.0, duration(x) - estimate(x)) / weight(j) for x in stillRunning)
+                slack = 0.0 if slots == 1 else weight(j) * (e_i + e_all + e_j)
+                bound = weight(j) / weight(i) * d_i + duration(lastJ) + slack
+                self.assertLessEqual(
+                    total,
+                    bound + 1e-9,
+                    f"{j} got {total} s while {i} waited (bound {bound}, slots {slots})",
+                )
