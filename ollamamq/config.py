@@ -176,7 +176,7 @@ def backendURL(key: str, value: Any) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
     try:
-        parts.port
+        parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
     except ValueError:
         raise ConfigError(f"{key}: bad port in {value!r}") from None
     return url

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import attrs
 import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
