@@ -8,17 +8,18 @@ to the scheduler and then the relay, aggregated ones to the aggregator.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from klein import Klein
 import treq
 from twisted.internet.defer import DeferredList, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
+from twisted.web.resource import Resource
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.backends import OLLAMA as OLLAMA_BACKEND
@@ -88,10 +89,36 @@ def _peerHost(request: IRequest) -> str:
     return getattr(request.getClientAddress(), "host", None) or "local"
 
 
+class _CanonicalPaths(Resource):
+    """
+    Refuses paths with empty segments (C{//api/generate}) before routing: the router
+    would merge the slashes and match, while the request would be classified and
+    forwarded by its raw path, so it could reach the wrong kind of backend.
+    """
+
+    isLeaf = True
+
+    def __init__(self, router: Any) -> None:
+        super().__init__()
+        self._router = router
+
+    def render(self, request: IRequest) -> Any:
+        if b"//" in request.path:
+            error = NotFound(f"no route for {request.path.decode('latin-1')!r}",
+                             code="unknown_route")
+            request.setResponseCode(error.status)
+            request.setHeader(b"content-type", JSON)
+            return errorBody(error, familyFor(b"/" + request.path.lstrip(b"/")))
+        return self._router.render(request)
+
+
 @attrs.define
 class ProxyAPI:
     """
     The Klein application of the proxy; all collaborators are injected.
+
+    @ivar recheck: called with a backend that just failed a request (it is offline now),
+        so that it can be probed again soon.
     """
 
     config: Config
@@ -101,7 +128,7 @@ class ProxyAPI:
     identity: IdentityResolver
     catalog: ModelCatalog
     aggregator: Aggregator
-    clock: IReactorTime
+    recheck: Callable[[Backend], None] = lambda backend: None
 
     app = Klein()
 
@@ -109,7 +136,7 @@ class ProxyAPI:
         """
         The twisted.web resource serving this API.
         """
-        return self.app.resource()
+        return _CanonicalPaths(self.app.resource())
 
     # --- errors ---
 
@@ -242,7 +269,7 @@ class ProxyAPI:
         if raw:
             try:
                 parsed = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 parsed = None
             if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
                 body = parsed
@@ -287,7 +314,8 @@ class ProxyAPI:
         raw = self._readBody(request)
         try:
             body = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            # RecursionError: nesting deeper than the parser's stack (a hostile body).
             raise BadRequest(f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
@@ -325,10 +353,9 @@ class ProxyAPI:
         """
         drop = {b"x-admin-key", b"x-backend"}
         for name in (b"authorization", b"x-api-key"):
-            value = request.getHeader(name)
-            if value is not None and self.identity.isProxyCredential(
-                value.decode("latin-1").removeprefix("Bearer ").strip()
-            ):
+            # Every value counts: a repeated header must not smuggle a key through.
+            values = request.requestHeaders.getRawHeaders(name, [])
+            if any(self.identity.isProxyCredential(v.decode("latin-1")) for v in values):
                 drop.add(name)
         return requestHeadersForBackend(request.requestHeaders, frozenset(drop))
 
@@ -400,6 +427,8 @@ class ProxyAPI:
             reason = f"backend {backend.name} answered {response.code}"
         log.warn("{reason}; marking it offline and failing over", reason=reason)
         self.pool.markOffline(backend, reason)
+        # Probe it again soon rather than a whole interval later: a restart is brief.
+        self.recheck(backend)
         return None
 
     async def _tryInTurn(self, request: IRequest, backends: list[Backend], data: bytes) -> None:
@@ -455,11 +484,13 @@ class ProxyAPI:
         key = self.config.adminKey
         if key is None:
             return
-        given = request.getHeader(b"x-admin-key")
-        if given is None:
-            auth = request.getHeader(b"authorization") or b""
-            given = auth.removeprefix(b"Bearer ").strip() if auth.startswith(b"Bearer ") else None
-        if given is None or given.decode("latin-1") != key:
+        given = [v.decode("latin-1").strip()
+                 for v in request.requestHeaders.getRawHeaders(b"x-admin-key", [])]
+        for auth in request.requestHeaders.getRawHeaders(b"authorization", []):
+            scheme, _, credential = auth.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                given.append(credential.strip())
+        if key not in given:
             raise Forbidden("this route needs the admin key", code="admin_only")
 
     async def _fanOut(self, request: IRequest, targets: list[Backend], data: bytes) -> bytes:
@@ -486,7 +517,7 @@ class ProxyAPI:
             for line in content.splitlines():
                 try:
                     decoded.append(json.loads(line))
-                except ValueError:
+                except (ValueError, RecursionError):
                     pass
             answers[backend.name] = decoded[-1] if decoded else {"status": code}
             lines.extend(dict(item, backend=backend.name) for item in decoded if isinstance(item, dict))
@@ -496,7 +527,7 @@ class ProxyAPI:
         streamed = True
         try:
             streamed = json.loads(data or b"{}").get("stream", True) is not False
-        except (ValueError, AttributeError):
+        except (ValueError, RecursionError, AttributeError):
             pass
         if streamed and lines:
             request.setHeader(b"content-type", b"application/x-ndjson")

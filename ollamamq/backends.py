@@ -291,9 +291,10 @@ class BackendPool:
     @property
     def settled(self) -> bool:
         """
-        Whether every backend has been probed at least once.
+        Whether there are backends and every one has been probed at least once. (An empty
+        pool is not settled: with C{--demo} the backends are added a moment after start.)
         """
-        return all(b.state != UNKNOWN for b in self._backends.values())
+        return bool(self._backends) and all(b.state != UNKNOWN for b in self._backends.values())
 
     def acquire(self, backend: Backend) -> None:
         """

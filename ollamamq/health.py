@@ -35,7 +35,6 @@ from twisted.application.service import IService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
@@ -49,6 +48,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 
 from ollamamq.backends import OLLAMA, OPENAI, ONLINE, Backend, BackendPool, UnknownBackend
+from ollamamq.relay import wasCancelled
 
 #: Largest answer body read from a backend. A listing of hundreds of models is a few
 #: hundred KiB; anything far bigger is a misbehaving server, not a model list.
@@ -145,19 +145,6 @@ def describeFailure(failure: Failure) -> FetchError:
     return FetchError(f"{failure.type.__name__}: {failure.getErrorMessage()}", connection=True)
 
 
-def _wasCancelled(failure: Failure) -> bool:
-    """
-    Whether C{failure} is a cancelled call, in any of the wrappings Agent uses for it
-    (L{ResponseNeverReceived} around L{CancelledError} while waiting for the answer,
-    L{ConnectingCancelledError} while connecting).
-    """
-    if failure.check(CancelledError, ConnectingCancelledError):
-        return True
-    if failure.check(ResponseNeverReceived, ResponseFailed):
-        return any(r.check(CancelledError) for r in failure.value.reasons)
-    return False
-
-
 def getJSON(
     http: Any,
     clock: IReactorTime,
@@ -197,7 +184,7 @@ def getJSON(
             raise FetchError(f"GET {path}: not JSON") from None
 
     def failed(failure: Failure) -> Failure:
-        if _wasCancelled(failure):
+        if wasCancelled(failure):
             return Failure(CancelledError())
         if failure.check(_TooLarge):
             return Failure(FetchError(f"GET {path}: answer larger than {MAX_BODY} bytes"))

@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IRequest, IResponse
@@ -92,17 +92,28 @@ def requestHeadersForBackend(headers: Headers, drop: frozenset[bytes] = frozense
     return forwardedHeaders(headers, drop | _RECOMPUTED)
 
 
-def _isCancel(failure: Failure) -> bool:
-    return bool(failure.check(CancelledError)) or (
-        bool(failure.check(ResponseNeverReceived))
-        and any(r.check(CancelledError) for r in failure.value.reasons)
-    )
+def wasCancelled(failure: Failure) -> bool:
+    """
+    Whether C{failure} is a cancelled backend call, in any of the wrappings Agent uses for
+    it: L{ConnectingCancelledError} while connecting, L{ResponseNeverReceived} or
+    L{ResponseFailed} around L{CancelledError} later. A cancel is the client going away,
+    never a backend failure.
+    """
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return True
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        return any(r.check(CancelledError) for r in failure.value.reasons)
+    return False
 
 
-def _describe(failure: Failure) -> str:
-    if failure.check(ResponseNeverReceived):
+def describeFailure(failure: Failure) -> str:
+    """
+    A short message for a failed backend call, for people (logs, error bodies): the first
+    underlying reason, not Twisted's list of Failure reprs.
+    """
+    if failure.check(ResponseNeverReceived, ResponseFailed):
         reasons = failure.value.reasons
-        return reasons[0].getErrorMessage().rstrip(".") if reasons else "no response"
+        return describeFailure(reasons[0]) if reasons else "no response"
     return failure.getErrorMessage().rstrip(".") or failure.type.__name__
 
 
@@ -186,16 +197,17 @@ class Relay:
                     f"backend {backend.name} sent nothing for {self.idleTimeout:g}s",
                     code="backend_timeout",
                 ) from None
-            if _isCancel(failure):
+            if wasCancelled(failure):
                 raise CancelledError() from None
-            raise BackendUnreachable(f"backend {backend.name}: {_describe(failure)}") from None
+            raise BackendUnreachable(
+                f"backend {backend.name}: {describeFailure(failure)}"
+            ) from None
 
     def stream(
         self,
         request: IRequest,
         response: IResponse,
         family: str,
-        observer: Any = None,
     ) -> Deferred[int]:
         """
         Copy C{response} (status, headers, body) to C{request} as it arrives.
@@ -205,7 +217,6 @@ class Relay:
         it is never taken for complete).
 
         @param family: the route's API family, for the shape of a final error line.
-        @param observer: optional, called with each body chunk (usage accounting).
         @return: fires with the number of body bytes relayed once the body is complete;
             cancel it to drop the backend connection.
         """
@@ -224,7 +235,6 @@ class Relay:
             family,
             sse=b"text/event-stream" in contentType,
             ndjson=b"ndjson" in contentType,
-            observer=observer,
         )
         # Send the headers now: a client learns the request started even while the model
         # loads, and the status is final from here on.
@@ -265,7 +275,6 @@ class _BodyRelay(Protocol):
         family: str,
         sse: bool,
         ndjson: bool,
-        observer: Any,
     ) -> None:
         self._request = request
         self._clock = clock
@@ -273,7 +282,6 @@ class _BodyRelay(Protocol):
         self._family = family
         self._sse = sse
         self._ndjson = ndjson
-        self._observer = observer
         self._cancelled = False
         self._timedOut = False
         self._idle: IDelayedCall | None = None
@@ -287,6 +295,10 @@ class _BodyRelay(Protocol):
             self.transport.stopProducing()
 
     def connectionMade(self) -> None:
+        if getattr(self._request, "channel", None) is None:
+            # The client left before the body started: nothing to relay to.
+            self.transport.stopProducing()
+            return
         self._request.registerProducer(self.transport, True)
         self._idle = self._clock.callLater(self._idleTimeout, self._timeout)
 
@@ -299,8 +311,6 @@ class _BodyRelay(Protocol):
             self._idle.reset(self._idleTimeout)
         self.relayed += len(data)
         self._request.write(data)
-        if self._observer is not None:
-            self._observer(data)
 
     def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
         if self._idle is not None and self._idle.active():
@@ -322,14 +332,16 @@ class _BodyRelay(Protocol):
             )
         else:
             error = BadGateway(
-                f"backend failed mid-stream: {_describe(reason)}", code="backend_failed"
+                f"backend failed mid-stream: {describeFailure(reason)}", code="backend_failed"
             )
         log.warn("Relay ended early: {message}", message=error.message)
         if connected:
             if self._sse or self._ndjson:
                 self._request.write(streamErrorLine(error, self._family, self._sse))
             else:
-                # A plain body cut short must not look complete: drop the connection.
-                self._request.channel.loseConnection()
+                # A plain body cut short must not look complete: abort the connection, so
+                # not even the last chunk marker (written when the request is finished)
+                # reaches the client.
+                self._request.channel.transport.abortConnection()
         self.done.callback(self.relayed)
 

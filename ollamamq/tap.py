@@ -43,6 +43,9 @@ log = Logger()
 # How long a stopping daemon lets running requests finish before cutting them.
 DRAIN_GRACE = 30.0
 
+# How soon a backend that failed a request is probed again (instead of a whole interval).
+RECHECK_DELAY = 1.0
+
 
 def _port(value: str) -> int:
     port = int(value)
@@ -259,7 +262,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         identity=IdentityResolver(config),
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout),
-        clock=reactor,
+        recheck=lambda backend: health.probeSoon(backend, delay=RECHECK_DELAY),
     )
 
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)

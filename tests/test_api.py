@@ -13,6 +13,7 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from ollamamq.aggregate import Aggregator
@@ -85,6 +86,7 @@ class Proxy:
             for name, options in sims.items()
         )
         self.scheduler = Scheduler(self.pool, self.clock, self.config)
+        self.rechecked: list[Backend] = []
         catalog = ModelCatalog(self.config.models)
         self.health = HealthChecker(self.pool, self.backendHTTP, self.clock, 10, 5)
         self.api = ProxyAPI(
@@ -95,7 +97,7 @@ class Proxy:
             identity=IdentityResolver(self.config),
             catalog=catalog,
             aggregator=Aggregator(self.pool, self.backendHTTP, self.clock, catalog, 5),
-            clock=self.clock,
+            recheck=self.rechecked.append,
         )
         self.client = StubTreq(self.api.resource())
         self.probe()
@@ -292,7 +294,7 @@ class QueuedRouteTests(SynchronousTestCase):
         self.proxy.advance(5, steps=50)
         self.assertEqual(self.proxy.sims["gpu1"].stats["requests"], 1)
         self.assertEqual(self.proxy.scheduler.active, 0)
-        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class BadInputTests(SynchronousTestCase):
@@ -343,6 +345,25 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(code, 404)
         code, body, _ = self.error("/v1/chat/completions", dict(CHAT, model="gpt-5"))
         self.assertEqual((code, body["error"]["code"]), (404, "model_not_found"))
+
+    def test_deeplyNestedJSON(self) -> None:
+        """
+        JSON nested deeper than the parser's stack is a 400, not a 500.
+        """
+        raw = b'{"model": "llama3", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")}, maxBodyBytes=1000000)
+        response, content = proxy.complete("POST", "/api/chat", raw=raw)
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_emptyPathSegments(self) -> None:
+        """
+        C{//api/generate} is not taken for C{/api/generate} (the router would merge the
+        slashes while the request would be forwarded as is): 404.
+        """
+        code, body, _ = self.error("//api/generate", {"model": "llama3", "prompt": "x"})
+        self.assertEqual((code, body["error"]), (404, "no route for '//api/generate'"))
+        self.assertEqual(self.proxy.sims["gpu1"].stats["requests"], 0)
 
     def test_bodyTooLarge(self) -> None:
         """
@@ -442,7 +463,8 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual((error["type"], error["code"]), ("server_error", "backend_failed"))
         self.assertIn("Connection was refused", error["message"])
         self.assertEqual(proxy.scheduler.active, 0)
-        self.flushLoggedErrors()
+        self.assertEqual(sorted(b.name for b in proxy.rechecked), ["a", "a", "b"])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_internalErrorRelayed(self) -> None:
         """
@@ -477,6 +499,23 @@ class CredentialTests(SynchronousTestCase):
     The proxy's own keys stay with the proxy.
     """
 
+    def test_repeatedHeaderCannotSmuggleKey(self) -> None:
+        """
+        A proxy key in any of several Authorization headers keeps the header from the
+        backend.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")},
+                      users={"alice": UserConfig(keys=("sk-alice",))})
+        d = proxy.client.request(
+            "POST", "http://proxy/api/chat", data=json.dumps(CHAT).encode(),
+            headers=Headers({b"Authorization": [b"Bearer sk-alice", b"Bearer other"],
+                             b"X-Api-Key": [b"x", b"sk-alice"]}))
+        proxy.advance(5, steps=50)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        headers = proxy.sims["gpu1"].stats["log"][-1]["headers"]
+        self.assertNotIn("authorization", headers)
+        self.assertNotIn("x-api-key", headers)
+
     def test_proxyKeyNotForwarded(self) -> None:
         """
         A configured bearer key identifies the user and is not sent on; other bearer
@@ -508,6 +547,17 @@ class ManagementTests(SynchronousTestCase):
         """
         response, body = self.proxy.complete("POST", "/api/pull", {"model": "x"})
         self.assertEqual(response.code, 403)
+
+    def test_adminKeyForms(self) -> None:
+        """
+        The admin key is accepted as X-Admin-Key or as a bearer token, whatever the case
+        of the scheme; a wrong key is refused.
+        """
+        for headers, code in (({"X-Admin-Key": "k"}, 404), ({"Authorization": "bearer k"}, 404),
+                              ({"Authorization": "Bearer nope"}, 403)):
+            response, body = self.proxy.complete("POST", "/api/copy", {"source": "x"},
+                                                 dict(headers, **{"X-Backend": "zzz"}))
+            self.assertEqual(response.code, code, headers)
 
     def test_unknownBackend(self) -> None:
         """
@@ -551,7 +601,7 @@ class ShowAndAggregateTests(SynchronousTestCase):
         """
         C{/api/show} and C{/api/tags} answer while every slot is busy.
         """
-        proxy = Proxy(self, {"gpu1": sim(name="gpu1", tokens=1000)})
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1", tokens=30)})
         busy = proxy.request("POST", "/api/chat", CHAT)
         proxy.advance(0.5, steps=5)
         response, body = proxy.complete("POST", "/api/show", {"model": "llama3"}, seconds=0.1)
@@ -560,9 +610,11 @@ class ShowAndAggregateTests(SynchronousTestCase):
         response, body = proxy.complete("GET", "/api/tags", seconds=0.1)
         names = [m["name"] for m in json.loads(body)["models"]]
         self.assertIn("llama3:latest", names)
-        busy.cancel()
-        proxy.flush()
-        self.flushLoggedErrors()
+        content = treq.content(self.successResultOf(busy))
+        self.assertNoResult(content)  # the generation was running all along
+        proxy.advance(5, steps=50)
+        self.assertTrue(json.loads(self.successResultOf(content).splitlines()[-1])["done"])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class AllRoutesTests(SynchronousTestCase):

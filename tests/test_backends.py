@@ -152,6 +152,7 @@ class PoolTests(SynchronousTestCase):
         The pool is settled once every backend was probed; holders lists available
         backends with the model, loaded first.
         """
+        self.assertFalse(BackendPool().settled)  # --demo: backends come a moment later
         pool = BackendPool([Backend(name="a", url="http://a"), Backend(name="b", url="http://b")])
         self.assertFalse(pool.settled)
         pool.markOnline(pool.get("a"), OLLAMA, ["m"])

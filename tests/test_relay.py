@@ -241,7 +241,7 @@ class RelayTests(SynchronousTestCase):
         last = b"".join(chunks).splitlines()[-1]
         self.assertIn("sent nothing for 30s", json.loads(last)["error"])
         self.assertEqual(len(self.backendResource.lost), 1)
-        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_backendFailsMidStream(self) -> None:
         """
@@ -256,6 +256,18 @@ class RelayTests(SynchronousTestCase):
         self.successResultOf(self.collected)
         last = json.loads(b"".join(chunks).splitlines()[-1])
         self.assertIn("failed mid-stream", last["error"])
+
+    def test_failureMessageIsReadable(self) -> None:
+        """
+        The error line names the cause in words, not as a list of Failure reprs.
+        """
+        response, chunks = self.startStream()
+        backendRequest = self.backendResource.requests[0]
+        backendRequest.channel.transport.loseConnection()
+        self.flush()
+        last = json.loads(b"".join(chunks).splitlines()[-1])["error"]
+        self.assertNotIn("Failure", last)
+        self.assertNotIn("[<", last)
 
     def test_timeoutBeforeHeaders(self) -> None:
         """
@@ -282,6 +294,28 @@ class RelayTests(SynchronousTestCase):
         self.backendHTTP.flush()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(len(self.backendResource.lost), 1)
+
+
+class ConnectingTests(SynchronousTestCase):
+    """
+    A client that leaves while the proxy is still connecting to the backend.
+    """
+
+    def test_cancelWhileConnecting(self) -> None:
+        """
+        Cancelling during the TCP connect is a plain L{CancelledError}, not a backend
+        failure (which would mark a healthy backend offline).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import Agent
+
+        reactor = MemoryReactorClock()
+        relay = Relay(Agent(reactor), reactor, 300)
+        backend = Backend(name="b", url="http://127.0.0.1:11434")
+        d = ensureDeferred(relay.open(backend, b"POST", b"/api/chat", Headers(), b"{}"))
+        self.assertEqual(len(reactor.tcpClients), 1)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
 
 
 class UnreachableTests(SynchronousTestCase):
@@ -392,6 +426,26 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(response.transport.state, "stopped")
         self.failureResultOf(done, CancelledError)
 
+    def test_plainBodyCutShortAborts(self) -> None:
+        """
+        A plain (not NDJSON or SSE) body that the backend cuts short aborts the client
+        connection: closing it gently would still let the final chunk marker (written
+        when the request is finished) through, and the client would take the truncated
+        body for complete.
+        """
+        channel, request = self.makeRequest()
+        aborted = []
+        channel.transport.abortConnection = lambda: aborted.append(True)
+        response = FakeResponse(b"application/json")
+        done = Relay(None, Clock(), 30).stream(request, response, OLLAMA)
+        response.protocol.dataReceived(b'{"partial": "abc')
+        from twisted.internet.error import ConnectionLost
+
+        response.protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(done)
+        self.assertEqual(aborted, [True])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_sseErrorLine(self) -> None:
         """
         An SSE stream that fails mid-way ends with a C{data:} error event.
@@ -406,7 +460,7 @@ class BackpressureTests(SynchronousTestCase):
         self.successResultOf(done)
         written = channel.transport.value()
         self.assertIn(b'data: {"error": {"message": "backend failed mid-stream', written)
-        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class HeaderTests(SynchronousTestCase):
