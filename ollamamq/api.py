@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.backends import OLLAMA as OLLAMA_BACKEND
@@ -87,6 +88,56 @@ def _jsonResponse(request: IRequest, payload: Any, code: int = 200) -> bytes:
 
 def _peerHost(request: IRequest) -> str:
     return getattr(request.getClientAddress(), "host", None) or "local"
+
+
+def bodyLimitedRequest(maxBodyBytes: int) -> type[Request]:
+    """
+    A request class for the proxy's L{Site} that refuses a body over C{maxBodyBytes} while
+    it arrives, from its declared length or as chunks pile up, instead of after
+    twisted.web has spooled all of it to disk. Blob uploads (C{/api/blobs/}, admin only)
+    are exempt: model files are gigabytes.
+    """
+
+    class BodyLimitedRequest(Request):
+        _received = 0
+        _refused = False
+
+        def _exempt(self) -> bool:
+            return (getattr(self.channel, "_path", b"") or b"").startswith(b"/api/blobs/")
+
+        def gotLength(self, length: int | None) -> None:
+            super().gotLength(length)
+            if length is not None and length > maxBodyBytes and not self._exempt():
+                self._refuse()
+
+        def handleContentChunk(self, data: bytes) -> None:
+            if self._refused:
+                return
+            self._received += len(data)
+            if self._received > maxBodyBytes and not self._exempt():
+                self._refuse()
+                return
+            super().handleContentChunk(data)
+
+        def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+            if not self._refused:
+                super().requestReceived(command, path, version)
+
+        def _refuse(self) -> None:
+            # The request line is parsed but the request object is not set up yet, so,
+            # like twisted.web's own _respondToBadRequestAndDisconnect, answer on the
+            # transport and hang up rather than read the rest.
+            self._refused = True
+            path = getattr(self.channel, "_path", b"/") or b"/"
+            error = BodyTooLarge(f"request body over {maxBodyBytes} bytes", code="body_too_large")
+            body = errorBody(error, familyFor(path))
+            self.channel.transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: " + JSON
+                + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+            )
+            self.channel.loseConnection()
+
+    return BodyLimitedRequest
 
 
 class _CanonicalPaths(Resource):
@@ -296,8 +347,11 @@ class ProxyAPI:
 
     def _readBody(self, request: IRequest) -> bytes:
         """
-        The request body, refused with 413 beyond C{max_body_bytes}.
+        The request body, refused with 413 beyond C{max_body_bytes} (blob uploads exempt,
+        see L{bodyLimitedRequest}).
         """
+        if request.path.startswith(b"/api/blobs/"):
+            return request.content.read()
         limit = self.config.maxBodyBytes
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -23,7 +23,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from ollamamq.aggregate import Aggregator
-from ollamamq.api import ProxyAPI
+from ollamamq.api import ProxyAPI, bodyLimitedRequest
 from ollamamq.backends import Backend, BackendPool
 from ollamamq.config import (
     Config,
@@ -276,6 +276,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
     site = Site(api.resource())
+    site.requestFactory = bodyLimitedRequest(config.maxBodyBytes)
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
         listener = StreamServerEndpointService(endpoint, site)

@@ -659,3 +659,73 @@ class UnexpectedErrorTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         response, body = proxy.complete("GET", "/api/version")
         self.assertEqual(response.code, 200)
+
+
+class EarlyBodyLimitTests(SynchronousTestCase):
+    """
+    L{bodyLimitedRequest} refuses oversized bodies while they arrive.
+    """
+
+    def connect(self) -> tuple[Any, Any]:
+        """
+        A real HTTP channel of a site whose requests are limited to 100 bytes.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.web.server import Site
+
+        from ollamamq.api import bodyLimitedRequest
+
+        rendered = []
+
+        class Recorder(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                rendered.append(request)
+                return b"ok"
+
+        site = Site(Recorder())
+        site.requestFactory = bodyLimitedRequest(100)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.rendered = rendered
+        return channel, transport
+
+    def test_declaredLength(self) -> None:
+        """
+        A declared Content-Length over the limit is answered 413 (shaped for the route)
+        at once, before any body byte, and the connection is closed.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 50000000\r\n\r\n")
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 413 "))
+        self.assertIn(b'"type": "invalid_request_error"', response)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.rendered, [])
+
+    def test_chunkedBody(self) -> None:
+        """
+        A chunked body is refused once what arrived passes the limit.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(self.rendered, [])
+
+    def test_smallAndBlobBodiesPass(self) -> None:
+        """
+        Bodies within the limit, and blob uploads of any size, are served.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        channel.dataReceived(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
+        self.assertEqual(len(self.rendered), 2)
+        self.assertNotIn(b" 413 ", transport.value())
