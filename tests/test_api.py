@@ -670,7 +670,7 @@ class EarlyBodyLimitTests(SynchronousTestCase):
         """
         A real HTTP channel of a site whose requests are limited to 100 bytes.
         """
-        from twisted.internet.testing import StringTransport
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
         from twisted.web.server import Site
 
         from ollamamq.api import bodyLimitedRequest
@@ -684,7 +684,8 @@ class EarlyBodyLimitTests(SynchronousTestCase):
                 rendered.append(request)
                 return b"ok"
 
-        site = Site(Recorder())
+        # A memory reactor: the channel's idle timer must not land on the global one.
+        site = Site(Recorder(), reactor=MemoryReactorClock())
         site.requestFactory = bodyLimitedRequest(100)
         channel = site.buildProtocol(None)
         transport = StringTransport()
