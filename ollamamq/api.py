@@ -13,10 +13,10 @@ from typing import Any
 
 import attrs
 from klein import Klein
-import treq
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
@@ -43,7 +43,7 @@ from ollamamq.errors import (
 )
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog, Resolution
-from ollamamq.relay import BackendUnreachable, Relay, requestHeadersForBackend
+from ollamamq.relay import BackendUnreachable, BodyTooLong, Relay, requestHeadersForBackend
 from ollamamq.scheduler import Job, Lease, Scheduler
 
 OLLAMA_ONLY = frozenset({OLLAMA_BACKEND})
@@ -56,6 +56,10 @@ ANY_KIND = frozenset({OLLAMA_BACKEND, OPENAI_BACKEND})
 FAILOVER_STATUSES = frozenset({502, 503, 504})
 
 log = Logger()
+
+# What one backend may answer to a model-management request that goes to several (the
+# answers are merged in memory): pull progress is a few hundred kilobytes.
+FAN_OUT_LIMIT = 16 * 1024 * 1024
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -553,14 +557,16 @@ class ProxyAPI:
         async def one(backend: Backend) -> tuple[int, bytes]:
             try:
                 response = await self.relay.open(backend, request.method, request.uri, headers, data)
-            except BackendUnreachable as e:
-                return 502, json.dumps({"error": str(e)}).encode()
-            content = await treq.content(response)
-            return response.code, content
+                return response.code, await self.relay.collect(response, FAN_OUT_LIMIT)
+            except (BackendUnreachable, BodyTooLong, ResponseFailed) as e:
+                return 502, json.dumps({"error": f"backend {backend.name}: {e}"}).encode()
 
         results = await DeferredList(
             [ensureDeferred(one(b)) for b in targets], consumeErrors=True
         )
+        if request.finished or getattr(request, "_disconnected", False):
+            # The client left: cancelling the list cancelled every backend call.
+            raise CancelledError()
         answers = {}
         worst = 200
         lines = []

@@ -41,14 +41,12 @@ from twisted.internet.error import (
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from ollamamq.backends import OLLAMA, OPENAI, ONLINE, Backend, BackendPool, UnknownBackend
-from ollamamq.relay import wasCancelled
+from ollamamq.relay import BodyCollector, BodyTooLong, wasCancelled
 
 #: Largest answer body read from a backend. A listing of hundreds of models is a few
 #: hundred KiB; anything far bigger is a misbehaving server, not a model list.
@@ -68,55 +66,6 @@ class FetchError(Exception):
         super().__init__(message)
         self.message = message
         self.connection = connection
-
-
-class _TooLarge(Exception):
-    """
-    An answer body went past the reader's limit.
-    """
-
-
-class _BodyReader(Protocol):
-    """
-    Collect a response body, at most C{limit} bytes.
-
-    treq's C{collect}/C{json_content} cannot be cancelled: cancelling them leaves the
-    connection open and reading. This reader's Deferred drops the connection when
-    cancelled, so a backend that sends headers and then stalls costs nothing after the
-    deadline.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-
-    def _cancel(self, done: Deferred[bytes]) -> None:
-        """
-        Stop reading: closes the connection, so the server stops too.
-        """
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.done.errback(Failure(_TooLarge(self._limit)))
-            self.transport.stopProducing()
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.done.called:
-            # Already answered (too large, or cancelled): this is our own hang-up.
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
 
 
 def _seconds(value: float) -> str:
@@ -170,7 +119,7 @@ def getJSON(
         if onResponse is not None:
             onResponse()
         # Read the body even of an error answer: an unread body keeps the connection busy.
-        reader = _BodyReader(MAX_BODY)
+        reader = BodyCollector(MAX_BODY)
         response.deliverBody(reader)
         return reader.done.addCallback(lambda body: (response.code, body))
 
@@ -186,7 +135,7 @@ def getJSON(
     def failed(failure: Failure) -> Failure:
         if wasCancelled(failure):
             return Failure(CancelledError())
-        if failure.check(_TooLarge):
+        if failure.check(BodyTooLong):
             return Failure(FetchError(f"GET {path}: answer larger than {MAX_BODY} bytes"))
         return Failure(describeFailure(failure))
 

@@ -242,12 +242,82 @@ class Relay:
         response.deliverBody(relay)
         return relay.done
 
+    def collect(self, response: IResponse, limit: int) -> Deferred[bytes]:
+        """
+        Read a whole response body (at most C{limit} bytes), under the idle timeout;
+        cancelling drops the backend connection.
+        """
+        collector = BodyCollector(limit, self.clock, self.idleTimeout)
+        response.deliverBody(collector)
+        return collector.done
+
     def discard(self, response: IResponse) -> None:
         """
         Throw away a response we will not relay (a 5xx before failing over), closing its
         connection rather than reading a body nobody wants.
         """
         response.deliverBody(_Discard())
+
+
+class BodyTooLong(Exception):
+    """
+    A collected response body went past its limit.
+    """
+
+
+class BodyCollector(Protocol):
+    """
+    Collects a response body, at most C{limit} bytes, for answers read whole (probes,
+    model-management fan-out).
+
+    treq's C{collect}/C{content} cannot be cancelled: cancelling leaves the connection open
+    and reading. Cancelling C{done} here drops the connection, so the backend stops too.
+    With a C{clock}, silence longer than C{idleTimeout} between bytes cancels as well.
+    """
+
+    def __init__(
+        self, limit: int, clock: IReactorTime | None = None, idleTimeout: float = 0
+    ) -> None:
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._idle: IDelayedCall | None = None
+        if clock is not None:
+            self._idle = clock.callLater(idleTimeout, self.done.cancel)
+            self._idleTimeout = idleTimeout
+
+    def _cancel(self, done: Deferred[bytes]) -> None:
+        self._stopTimer()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _stopTimer(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idleTimeout)
+        self._size += len(data)
+        if self._size > self._limit:
+            self._stopTimer()
+            self.done.errback(Failure(BodyTooLong(self._limit)))
+            self.transport.stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
+        self._stopTimer()
+        if self.done.called:
+            # Already answered (too long, or cancelled): this is our own hang-up.
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
 
 
 class _Discard(Protocol):

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.api import ProxyAPI
@@ -75,9 +76,8 @@ class Proxy:
         self.test = test
         self.clock = Clock()
         self.sims = {name: Simulator(options, self.clock) for name, options in sims.items()}
-        self.backendAgent = RequestTraversalAgent(
-            HostRouter({n: s.resource() for n, s in self.sims.items()})
-        )
+        self.router = HostRouter({n: s.resource() for n, s in self.sims.items()})
+        self.backendAgent = RequestTraversalAgent(self.router)
         self.backendHTTP = HTTPClient(self.backendAgent)
         self.relayAgent = RefusingAgent(self.backendAgent)
         self.config = Config(**configFields)
@@ -582,6 +582,38 @@ class ManagementTests(SynchronousTestCase):
         self.assertEqual(sorted(answer["backends"]), ["a", "b"])
         self.assertEqual(response.code, 404)  # the simulators have no /api/copy
         self.assertEqual(answer["status"], "error")
+
+    def test_fanOutIdleTimeoutAndCancel(self) -> None:
+        """
+        A backend that stalls mid-answer drops out after the idle timeout (the others'
+        answers still come); a client that leaves cancels every backend call.
+        """
+        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")}, adminKey="k",
+                      timeout=5.0)
+        stalled = []
+
+        class Stalling(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> object:
+                request.write(b'{"status": "pulling"}\n')
+                stalled.append(request)
+                request.notifyFinish().addErrback(lambda _: stalled.remove(request))
+                return NOT_DONE_YET
+
+        proxy.router.resources["b"] = Stalling()
+        response, body = proxy.complete("POST", "/api/pull", {"model": "x", "stream": False},
+                                        {"X-Admin-Key": "k"}, seconds=6)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(sorted(json.loads(body)["backends"]), ["a", "b"])
+        self.assertEqual(stalled, [])
+        d = proxy.request("POST", "/api/pull", {"model": "x"}, {"X-Admin-Key": "k"})
+        self.assertEqual(len(stalled), 1)
+        d.cancel()
+        proxy.flush()
+        self.failureResultOf(d)
+        self.assertEqual(stalled, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_namedBackend(self) -> None:
         """
