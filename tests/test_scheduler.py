@@ -7,9 +7,10 @@ real L{BackendPool} and a L{task.Clock}.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 from hypothesis import HealthCheck, given, settings
@@ -49,6 +50,21 @@ def job(user: str, model: str | None = "m:latest", kinds: frozenset[str] = API) 
     """
     return Job(user=user, kinds=kinds, model=model)
 
+
+
+def effectiveWeight(users: Mapping[str, UserConfig], user: str) -> float:
+    """
+    A configured user's weight with boost applied (boost doubles it).
+    """
+    u = users[user]
+    return u.weight * (2 if u.priority == "boost" else 1)
+
+
+def isVIP(users: Mapping[str, UserConfig], user: str) -> bool:
+    """
+    Whether a configured user is a VIP.
+    """
+    return users[user].priority == "vip"
 
 class Harness:
     """
@@ -1312,18 +1328,8 @@ class PropertyTests(SynchronousTestCase):
         model = Model(self, workload)
         users = model.config.users
 
-        def weight(user: str) -> float:
-            """
-            The user's effective weight (boost doubles it).
-            """
-            u = users[user]
-            return u.weight * (2 if u.priority == "boost" else 1)
-
-        def tier(user: str) -> bool:
-            """
-            Whether the user is a VIP.
-            """
-            return users[user].priority == "vip"
+        weight = functools.partial(effectiveWeight, users)
+        tier = functools.partial(isVIP, users)
 
         # since[i][j]: dispatches of j since i was last dispatched or became backlogged.
         since: dict[str, Counter[str]] = {}
@@ -1759,18 +1765,8 @@ class TimedPropertyTests(SynchronousTestCase):
         open_: dict[str, _Window] = {}
         closed: list[_Window] = []
 
-        def weight(user: str) -> float:
-            """
-            The user's effective weight (boost doubles it).
-            """
-            u = users[user]
-            return u.weight * (2 if u.priority == "boost" else 1)
-
-        def tier(user: str) -> bool:
-            """
-            Whether the user is a VIP.
-            """
-            return users[user].priority == "vip"
+        weight = functools.partial(effectiveWeight, users)
+        tier = functools.partial(isVIP, users)
 
         def backlogged(user: str) -> bool:
             """
