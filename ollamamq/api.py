@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 from klein import Klein
+from werkzeug.exceptions import HTTPException
 from twisted.internet.defer import CancelledError, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +36,7 @@ from ollamamq.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
     ProxyError,
     Unavailable,
@@ -201,6 +203,8 @@ class ProxyAPI:
         retry = retryAfterHeader(error)
         if retry is not None:
             request.setHeader(b"retry-after", retry)
+        if isinstance(error, MethodNotAllowed):
+            request.setHeader(b"allow", ", ".join(error.allowed).encode("ascii"))
         request.setResponseCode(error.status)
         request.setHeader(b"content-type", JSON)
         return errorBody(error, familyFor(request.path))
@@ -317,7 +321,13 @@ class ProxyAPI:
         C{--allow-all-routes}, else 404.
         """
         if not self.config.allowAllRoutes:
-            raise NotFound(f"no route for {request.method.decode()} /{rest}", code="unknown_route")
+            allowed = self._allowedMethods(request.path)
+            if allowed:
+                raise MethodNotAllowed(
+                    f"{request.method.decode('latin-1')} is not allowed on /{rest}; use "
+                    + " or ".join(allowed), allowed)
+            raise NotFound(f"no route for {request.method.decode('latin-1')} /{rest}",
+                           code="unknown_route")
         raw = self._readBody(request)
         body: dict | None = None
         resolution = None
@@ -330,6 +340,21 @@ class ProxyAPI:
                 body = parsed
                 resolution = self._resolveModel(body)
         await self._runQueued(request, body, resolution, raw=raw)
+
+    def _allowedMethods(self, path: bytes) -> list[str]:
+        """
+        The methods the route table takes for C{path} (other than the catch-all).
+        """
+        adapter = self.app.url_map.bind("proxy")
+        allowed = []
+        for method in ALL_METHODS:
+            try:
+                endpoint, _ = adapter.match(path.decode("latin-1"), method=method)
+            except HTTPException:
+                continue
+            if endpoint != "other":
+                allowed.append(method)
+        return allowed
 
     # --- routed by model, not queued ---
 

@@ -79,6 +79,21 @@ class NotFound(ProxyError):
     anthropicType = "not_found_error"
 
 
+class MethodNotAllowed(ProxyError):
+    """
+    A known route asked with a method it does not take.
+
+    @ivar allowed: the methods it does take, for the C{Allow} header.
+    """
+
+    status = 405
+    openaiType = anthropicType = "invalid_request_error"
+
+    def __init__(self, message: str, allowed: list[str]) -> None:
+        super().__init__(message, code="method_not_allowed")
+        self.allowed = allowed
+
+
 class BodyTooLarge(ProxyError):
     """
     A request body over C{max_body_bytes}.

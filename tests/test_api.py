@@ -762,3 +762,24 @@ class EarlyBodyLimitTests(SynchronousTestCase):
                              b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
         self.assertEqual(len(self.rendered), 2)
         self.assertNotIn(b" 413 ", transport.value())
+
+
+class MethodTests(SynchronousTestCase):
+    """
+    A known route with the wrong method is a 405 naming the right ones.
+    """
+
+    def test_wrongMethod(self) -> None:
+        """
+        GET on a queued route: 405, shaped, with an Allow header; unknown paths stay 404.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+        response, body = proxy.complete("GET", "/v1/chat/completions")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+        self.assertEqual(json.loads(body)["error"]["code"], "method_not_allowed")
+        response, body = proxy.complete("POST", "/api/tags")
+        self.assertEqual((response.code, response.headers.getRawHeaders(b"allow")),
+                         (405, [b"GET, HEAD"]))
+        response, body = proxy.complete("GET", "/api/nothing")
+        self.assertEqual(response.code, 404)
