@@ -8,6 +8,7 @@ to the scheduler and then the relay, aggregated ones to the aggregator.
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote_to_bytes
 from collections.abc import Callable
 from typing import Any
 
@@ -148,9 +149,10 @@ def bodyLimitedRequest(maxBodyBytes: int) -> type[Request]:
 
 class _CanonicalPaths(Resource):
     """
-    Refuses paths with empty segments (C{//api/generate}) before routing: the router
-    would merge the slashes and match, while the request would be classified and
-    forwarded by its raw path, so it could reach the wrong kind of backend.
+    Refuses, shaped, paths the router mishandles: those with empty segments
+    (C{//api/generate}: the router would merge the slashes and match, while the request
+    would be classified and forwarded by its raw path, so it could reach the wrong kind of
+    backend) and those that are not UTF-8.
     """
 
     isLeaf = True
@@ -160,13 +162,21 @@ class _CanonicalPaths(Resource):
         self._router = router
 
     def render(self, request: IRequest) -> Any:
+        error: ProxyError | None = None
         if b"//" in request.path:
             error = NotFound(f"no route for {request.path.decode('latin-1')!r}",
                              code="unknown_route")
-            request.setResponseCode(error.status)
-            request.setHeader(b"content-type", JSON)
-            return errorBody(error, familyFor(b"/" + request.path.lstrip(b"/")))
-        return self._router.render(request)
+        else:
+            try:
+                unquote_to_bytes(request.path).decode("utf-8")
+            except UnicodeDecodeError:
+                # The router would answer this with a plain-text 400 and a logged traceback.
+                error = BadRequest("the path is not UTF-8", code="invalid_path")
+        if error is None:
+            return self._router.render(request)
+        request.setResponseCode(error.status)
+        request.setHeader(b"content-type", JSON)
+        return errorBody(error, familyFor(b"/" + request.path.lstrip(b"/")))
 
 
 @attrs.define

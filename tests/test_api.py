@@ -365,6 +365,15 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual((code, body["error"]), (404, "no route for '//api/generate'"))
         self.assertEqual(self.proxy.sims["gpu1"].stats["requests"], 0)
 
+    def test_pathNotUTF8(self) -> None:
+        """
+        A path that is not UTF-8 is a shaped 400, with nothing logged.
+        """
+        response, content = self.proxy.complete("GET", "/v1/models/%ff")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(content)["error"]["code"], "invalid_path")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_bodyTooLarge(self) -> None:
         """
         A body over C{max_body_bytes} is a 413.
