@@ -68,16 +68,20 @@ class Aggregator:
         clock: IReactorTime,
         catalog: ModelCatalog,
         timeout: float,
+        retryAfter: float = 10.0,
     ) -> None:
         """
         @param http: treq, or a treq-like object such as L{treq.testing.StubTreq}.
         @param timeout: deadline of each backend call of a fan-out.
+        @param retryAfter: the C{Retry-After} of a 503 when no backend can answer (the
+            health interval: when a probe may bring one back).
         """
         self.pool = pool
         self.http = http
         self.clock = clock
         self.catalog = catalog
         self.timeout = timeout
+        self.retryAfter = retryAfter
 
     def _fanOut(
         self, backends: Iterable[Backend], path: str
@@ -177,7 +181,11 @@ class Aggregator:
         online = [b for b in ollama if b.online]
         versions = [b.version for b in (online or ollama) if b.version]
         if not versions:
-            return fail(errors.Unavailable("no Ollama backend is online", retryAfter=10))
+            return fail(
+                errors.Unavailable(
+                    "no Ollama backend is online", code="no_backend", retryAfter=self.retryAfter
+                )
+            )
         return succeed({"version": min(versions, key=versionKey)})
 
     def _modelEntries(self) -> dict[str, dict]:

@@ -261,7 +261,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         relay=Relay(agent, reactor, config.timeout),
         identity=IdentityResolver(config),
         catalog=catalog,
-        aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout),
+        aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
+                              retryAfter=config.healthInterval),
         recheck=lambda backend: health.probeSoon(backend, delay=RECHECK_DELAY),
     )
 
