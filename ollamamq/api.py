@@ -8,13 +8,12 @@ to the scheduler and then the relay, aggregated ones to the aggregator.
 from __future__ import annotations
 
 import json
-from urllib.parse import unquote_to_bytes
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from klein import Klein
-from werkzeug.exceptions import HTTPException
 from twisted.internet.defer import CancelledError, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,6 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.backends import OLLAMA as OLLAMA_BACKEND
@@ -46,7 +46,12 @@ from ollamamq.errors import (
 )
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog, Resolution
-from ollamamq.relay import BackendUnreachable, BodyTooLong, Relay, requestHeadersForBackend
+from ollamamq.relay import (
+    BackendUnreachable,
+    BodyTooLong,
+    Relay,
+    requestHeadersForBackend,
+)
 from ollamamq.scheduler import Job, Lease, Scheduler
 
 OLLAMA_ONLY = frozenset({OLLAMA_BACKEND})
