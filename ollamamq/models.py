@@ -144,13 +144,6 @@ class ModelCatalog:
             return Resolution(requested, canonicalModel(rule.name), rule, True)
         return Resolution(requested, key, self._rules.get(key))
 
-    def aliasesFor(self, key: str) -> list[str]:
-        """
-        The aliases (as configured) of the model with canonical key C{key}, for listing
-        them next to it in C{/api/tags} and C{/v1/models}.
-        """
-        return list(self._aliasNames.get(key, ()))
-
     def rewrite(self, body: dict, resolution: Resolution, family: str) -> dict:
         """
         The request body to send upstream for C{resolution}.

@@ -52,6 +52,15 @@ def job(user: str, model: str | None = "m:latest", kinds: frozenset[str] = API) 
 
 
 
+# Every property test: 300 fixed examples (derandomized, so CI runs the same ones each
+# time), no per-example deadline on a loaded machine.
+PROPERTY_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
 def effectiveWeight(users: Mapping[str, UserConfig], user: str) -> float:
     """
     A configured user's weight with boost applied (boost doubles it).
@@ -1291,12 +1300,7 @@ class PropertyTests(SynchronousTestCase):
     model, and the fairness bound.
     """
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    @PROPERTY_SETTINGS
     @given(workloads(MODELS, retries=True), st.sampled_from([None, 15.0]))
     def test_invariants(self, workload: dict, queueTimeout: float | None) -> None:
         """
@@ -1311,12 +1315,7 @@ class PropertyTests(SynchronousTestCase):
             model.apply(op)
         model.finish()
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    @PROPERTY_SETTINGS
     @given(workloads(("m",), retries=False))
     def test_fairnessBound(self, workload: dict) -> None:
         """
@@ -1715,12 +1714,7 @@ class TimedPropertyTests(SynchronousTestCase):
                     if queue.entry is entry:
                         self.assertLessEqual(entry[0], queue.user.counter, queue.user.id)
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    @PROPERTY_SETTINGS
     @given(workloads(MODELS, retries=True), st.sampled_from([None, 15.0]))
     def test_invariantsWithRetries(self, workload: dict, queueTimeout: float | None) -> None:
         """
@@ -1735,12 +1729,7 @@ class TimedPropertyTests(SynchronousTestCase):
             self.assertKeysAreLowerBounds(model.scheduler)
         model.finish()
 
-    @settings(
-        max_examples=300,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    @PROPERTY_SETTINGS
     @given(timedWorkloads())
     def test_invariantsAndBound(self, workload: dict) -> None:
         """

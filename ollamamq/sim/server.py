@@ -785,6 +785,7 @@ class _OpenAIChat(_Route):
     family = "openai"
     streamByDefault = False
     objectName = "chat.completion"
+    chunkObjectName = "chat.completion.chunk"
     idPrefix = "chatcmpl-"
 
     def parse(self, body: dict[str, Any]) -> tuple[int, int | None, list[str]]:
@@ -844,7 +845,7 @@ class _OpenAIChat(_Route):
         @param usage: the C{usage} field, or C{False} to leave it out.
         @return: one SSE event.
         """
-        chunk = self._envelope(job, self.objectName + ".chunk")
+        chunk = self._envelope(job, self.chunkObjectName)
         chunk["choices"] = choices
         if usage is not False:
             chunk["usage"] = usage
@@ -892,6 +893,8 @@ class _OpenAICompletion(_OpenAIChat):
     """
 
     objectName = "text_completion"
+    # Legacy completion chunks are text_completion objects too (no ".chunk" suffix).
+    chunkObjectName = "text_completion"
     idPrefix = "cmpl-"
 
     def parse(self, body: dict[str, Any]) -> tuple[int, int | None, list[str]]:
@@ -908,19 +911,6 @@ class _OpenAICompletion(_OpenAIChat):
         else:
             raise _SimError(400, "prompt must be a string or a list of strings")
         return words, _openaiLength(body), []
-
-    def _event(self, job: _Job, choices: list[dict[str, Any]], usage: object = False) -> bytes:
-        """
-        Legacy completion chunks are C{text_completion} objects too (no
-        C{.chunk} suffix).
-        """
-        chunk = self._envelope(job, self.objectName)
-        chunk["choices"] = choices
-        if usage is not False:
-            chunk["usage"] = usage
-        elif self._includeUsage(job):
-            chunk["usage"] = None
-        return b"data: " + _jsonBytes(chunk) + b"\n\n"
 
     def _choice(self, job: _Job, text: str | None, finishReason: str | None) -> dict[str, Any]:
         """
