@@ -219,11 +219,19 @@ class Job:
         C{{"ollama", "openai"}} for C{/v1/*}.
     @ivar model: the canonical model key (L{ollamamq.models.canonicalModel}), or L{None}
         for a request any backend of a fitting kind can serve.
+    @ivar peer: the client address the request came from (after trusted proxies), for
+        per-address limits and blocks; L{None} when unknown.
+    @ivar requestId: the proxy's id of the request (logs, headers, the control plane).
+    @ivar size: bytes the queued request holds in memory (its body), for the queued-bytes
+        bound.
     """
 
     user: str
     kinds: frozenset[str] = attrs.field(converter=_kinds)
     model: str | None = None
+    peer: str | None = None
+    requestId: str | None = None
+    size: int = 0
 
 
 @attrs.define(eq=False)
