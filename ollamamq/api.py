@@ -201,6 +201,9 @@ class ProxyAPI:
     catalog: ModelCatalog
     aggregator: Aggregator
     recheck: Callable[[Backend], None] = lambda backend: None
+    # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
+    # /proxy/status with the runtime details and the admin routes.
+    control: Any = None
 
     app = Klein()
 
@@ -266,6 +269,8 @@ class ProxyAPI:
         """
         Backends, users and queues, as documented in DESIGN.md section 4.
         """
+        if self.control is not None:
+            return _jsonResponse(request, self.control.status())
         payload = {
             "backends": [b.describe() for b in self.pool.backends],
             "users": self.scheduler.snapshot(),

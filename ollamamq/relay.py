@@ -161,6 +161,12 @@ class Relay:
         self.clock = clock
         self.idleTimeout = idleTimeout
 
+    def reconfigure(self, config: Any) -> None:
+        """
+        Take a reloaded config's idle timeout (requests already running keep theirs).
+        """
+        self.idleTimeout = config.timeout
+
     async def open(
         self,
         backend: Backend,
