@@ -373,8 +373,8 @@ class ControlActions:
         base = configured if configured is not None else UserConfig()
         override = self._users.get(user)
         if override is None or override.isEmpty():
-            if configured is None and self.scheduler.user(user) is None:
-                return
+            # Also makes an unknown user known (a PUT with nothing to override answers
+            # its entry); it is forgotten again once idle.
             self.scheduler.resetPolicy(
                 user, priority=base.priority, weight=base.weight, maxQueued=base.maxQueued
             )
