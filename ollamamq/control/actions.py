@@ -269,11 +269,21 @@ class ControlActions:
             raise UnknownUser(f"no user {user!r}")
         return self._userEntry(entry)
 
-    def queue(self, user: str | None = None) -> list[dict]:
+    def queue(self, user: str | None = None, limit: int | None = None) -> list[dict]:
         """
-        Queued requests in predicted dispatch order (see L{Scheduler.queuedRequests}).
+        Queued requests in predicted dispatch order (see L{Scheduler.queuedRequests}),
+        the first C{limit} of them.
         """
-        return self.scheduler.queuedRequests(user)
+        return self.scheduler.queuedRequests(user, limit)
+
+    def queuedCount(self, user: str | None = None) -> int:
+        """
+        How many requests are queued (for C{user}).
+        """
+        if user is None:
+            return self.scheduler.queued
+        entry = self.scheduler.user(user)
+        return 0 if entry is None else entry["queued"]
 
     def blocked(self) -> list[dict]:
         """
