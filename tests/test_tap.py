@@ -256,3 +256,47 @@ class ControlWiringTests(SynchronousTestCase):
         config.setContent(b"[server]\ntimeout = -1\n")
         self.assertRaises(ConfigError, options.reloadConfig)
         self.assertRaises(ConfigError, parse().reloadConfig)
+
+
+class ReloadSignalTests(SynchronousTestCase):
+    """
+    L{_ReloadOnSignal}: the signal schedules a reload on the reactor.
+    """
+
+    def test_signalReloads(self) -> None:
+        """
+        The signal makes the reactor run the reload; a refused reload is not raised; on
+        stop the previous handler is back.
+        """
+        import os
+        import signal
+
+        from ollamamq.control.amp import ReloadFailed
+        from ollamamq.tap import _ReloadOnSignal
+
+        scheduled: list = []
+
+        class Reactor:
+            def callFromThread(self, f, *args):
+                scheduled.append((f, args))
+
+        calls: list[str] = []
+
+        def reload() -> None:
+            calls.append("reload")
+            if len(calls) == 2:
+                raise ReloadFailed("broken")
+
+        previous = signal.getsignal(signal.SIGUSR2)
+        service = _ReloadOnSignal(Reactor(), reload, signal.SIGUSR2)
+        service.startService()
+        try:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGUSR2)
+                [(f, args)] = scheduled
+                scheduled.clear()
+                f(*args)
+        finally:
+            service.stopService()
+        self.assertEqual(calls, ["reload", "reload"])
+        self.assertEqual(signal.getsignal(signal.SIGUSR2), previous)

@@ -570,7 +570,7 @@ class ControlActions:
         for backend in self.pool.backends:
             entry = self._backendEntry(backend)
             seen[backend.name] = entry
-            if self._described.get(backend.name) != entry:
+            if _comparable(self._described.get(backend.name)) != _comparable(entry):
                 self.events.publish("backend.changed", entry)
         for name in self._described:
             if name not in seen:
@@ -696,6 +696,16 @@ class ControlActions:
                 else:
                     changes.append(f"{field.name} changed")
         return sorted(changes)
+
+
+def _comparable(entry: dict | None) -> dict | None:
+    """
+    A backend entry without the probe's latency, which changes every round and is not
+    news to an operator.
+    """
+    if entry is None:
+        return None
+    return {k: v for k, v in entry.items() if k != "latency"}
 
 
 def checkedNames(values: Iterable[Any]) -> list[str]:
