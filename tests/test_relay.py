@@ -296,6 +296,52 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(len(self.backendResource.lost), 1)
 
 
+class FileBodyTests(SynchronousTestCase):
+    """
+    A file body (a spooled blob upload) is streamed to the backend in turns on the
+    relay's own clock, not read into memory at once.
+    """
+
+    def test_fileStreamed(self) -> None:
+        """
+        The backend receives the whole file, which the relay reads in chunks.
+        """
+        import io
+
+        from twisted.web.resource import Resource
+
+        received: list[bytes] = []
+
+        class Sink(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                received.append(request.content.read())
+                return b"{}"
+
+        clock = Clock()
+        agent = RequestTraversalAgent(Sink())
+        relay = Relay(agent, clock, 30)
+        data = bytes(range(256)) * 4096  # 1 MiB
+        reads: list[int] = []
+
+        class Counted(io.BytesIO):
+            def read(self, size: int = -1) -> bytes:
+                chunk = super().read(size)
+                reads.append(len(chunk))
+                return chunk
+
+        d = ensureDeferred(relay.open(Backend(name="b", url="http://b"), b"POST",
+                                      b"/api/blobs/sha256:0", Headers(), Counted(data)))
+        for _ in range(100):
+            clock.advance(0)
+            agent.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(received, [data])
+        self.assertGreater(len([n for n in reads if n]), 1)
+        self.assertLess(max(reads), len(data))
+
+
 class ConnectingTests(SynchronousTestCase):
     """
     A client that leaves while the proxy is still connecting to the backend.
