@@ -388,6 +388,20 @@ class UnreachableTests(SynchronousTestCase):
         self.assertIn("gpu9", str(failure.value))
 
 
+def connectedRequest(path: bytes = b"/api/generate") -> tuple[HTTPChannel, Request]:
+    """
+    A client request on a connected channel (a real L{HTTPChannel} on a
+    L{StringTransport}), as twisted.web hands it to a route.
+    """
+    channel = HTTPChannel()
+    channel.makeConnection(StringTransport())
+    request = Request(channel)
+    request.method = b"POST"
+    request.uri = request.path = path
+    request.clientproto = b"HTTP/1.1"
+    return channel, request
+
+
 @implementer(IPushProducer)
 class FakeBackendTransport:
     """
@@ -436,14 +450,7 @@ class BackpressureTests(SynchronousTestCase):
         """
         A request on a connected channel.
         """
-        channel = HTTPChannel()
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        request = Request(channel)
-        request.method = b"POST"
-        request.uri = request.path = b"/api/generate"
-        request.clientproto = b"HTTP/1.1"
-        return channel, request
+        return connectedRequest()
 
     def test_pauseAndResume(self) -> None:
         """
@@ -516,12 +523,11 @@ class TimeoutTests(SynchronousTestCase):
     """
 
     def start(self, firstByte: float = 60, idle: float = 5) -> tuple[Any, Any, Any, Clock]:
-        channel = HTTPChannel()
-        channel.makeConnection(StringTransport())
-        request = Request(channel)
-        request.method = b"POST"
-        request.uri = request.path = b"/api/generate"
-        request.clientproto = b"HTTP/1.1"
+        """
+        A body being relayed with these timeouts: the client channel, the backend
+        response, the relay's Deferred and the clock.
+        """
+        channel, request = connectedRequest()
         clock = Clock()
         response = FakeResponse(b"application/x-ndjson")
         done = Relay(None, clock, idle, firstByte).stream(request, response, OLLAMA)
