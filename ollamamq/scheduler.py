@@ -597,6 +597,77 @@ class Scheduler:
             for u in sorted(self._users.values(), key=lambda u: u.id)
         ]
 
+    def queuedByBackend(self) -> dict[str, int]:
+        """
+        For each backend (by name), how many queued requests it could serve (a request
+        that several backends serve counts for each). For metrics, read at scrape time:
+        O(users x classes).
+        """
+        counts = {b.name: 0 for b in self._pool.backends}
+        perClass: dict[tuple, int] = {}
+        for user in self._users.values():
+            for key, queue in user.queues.items():
+                if queue.live:
+                    perClass[key] = perClass.get(key, 0) + queue.live
+        for key, count in perClass.items():
+            cls = self._classes.get(key)
+            if cls is None:
+                continue
+            for backend in self._pool.backends:
+                if cls.servedBy(backend):
+                    counts[backend.name] += count
+        return counts
+
+    def queuedFor(self, user: str) -> list[dict]:
+        """
+        The queued requests of one user, oldest first, each with its estimated place:
+        C{{"request_id", "model", "waited", "position", "estimated_start"}}.
+
+        C{position} counts the requests that fair sharing would start before it and that
+        compete for the same backends, plus one: the user's own older requests, and for
+        every other user in the same class as many requests as it would get turns before
+        this one (all of them for a higher tier, none for a lower; under equal service
+        counters one per turn). C{estimated_start} is seconds from now: the turns ahead
+        divided by the slots serving the class, times the mean lease duration.
+        """
+        state = self._users.get(user)
+        if state is None or not state.queued:
+            return []
+        now = self._clock.seconds()
+        mean = self._meanLease if self._meanLease is not None else DEFAULT_ESTIMATE
+        found = []
+        for key, queue in state.queues.items():
+            cls = self._classes.get(key)
+            if cls is None:
+                continue
+            others = [
+                (other, other.queues[key].live)
+                for other in self._users.values()
+                if other is not state and key in other.queues and other.queues[key].live
+            ]
+            slots = sum(b.slots for b in self._pool.backends if b.available and cls.servedBy(b))
+            mine = [t for t in queue.tickets if t.state == _QUEUED]
+            for index, ticket in enumerate(mine):
+                ahead = index
+                for other, live in others:
+                    if other.tier < state.tier:
+                        ahead += live
+                    elif other.tier == state.tier:
+                        turns = index + (1 if other.counter <= state.counter else 0)
+                        ahead += min(live, turns)
+                found.append(
+                    {
+                        "request_id": ticket.job.requestId,
+                        "model": ticket.job.model,
+                        "waited": ticket.waitedBefore + (now - ticket.queuedSince),
+                        "position": ahead + 1,
+                        "estimated_start": (ahead // max(1, slots)) * mean if slots else None,
+                        "seq": ticket.seq,
+                    }
+                )
+        found.sort(key=lambda entry: entry.pop("seq"))
+        return found
+
     def stop(self) -> None:
         """
         Refuse new work with L{Unavailable} C{"shutting down"} and fail every queued
