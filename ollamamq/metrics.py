@@ -38,6 +38,9 @@ from ollamamq.backends import BackendPool
 
 OTHER = "other"
 
+# Users whose token totals /proxy/status shows (the most recently active).
+USER_TOKENS_KEPT = 10_000
+
 # Seconds. Queue waits range from nothing to many minutes on a busy box; the first byte
 # includes a model load (tens of seconds) or a whole non-streamed generation.
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -198,7 +201,9 @@ class Metrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
-        self._models: set[str] = set()
+        # Tokens per user since start, for /proxy/status (not labels: not bounded by
+        # topUsers, but by USER_TOKENS_KEPT).
+        self.userTokens: dict[str, list[int]] = {}
 
     def dispatched(self, backend: str, reason: str) -> None:
         """
@@ -239,10 +244,28 @@ class Metrics:
             if record.backend is not None:
                 self.unaccounted.labels(record.route).inc()
             return
+        tokens = self.userTokens.pop(record.user, None) or [0, 0]
+        tokens[0] += record.promptTokens
+        tokens[1] += record.completionTokens or 0
+        # Re-inserted last: the least recently active user is the first to be dropped.
+        self.userTokens[record.user] = tokens
+        if len(self.userTokens) > USER_TOKENS_KEPT:
+            del self.userTokens[next(iter(self.userTokens))]
         user = self.users.label(record.user)
         model = record.model or ""
         self.tokens.labels(user, model, "prompt").inc(record.promptTokens)
         self.tokens.labels(user, model, "completion").inc(record.completionTokens or 0)
+
+
+    def addTokens(self, users: list[dict]) -> None:
+        """
+        Add C{"tokens": {"prompt", "completion"}} to the C{/proxy/status} entries of
+        users that have used any since the daemon started.
+        """
+        for entry in users:
+            tokens = self.userTokens.get(entry["id"])
+            if tokens is not None:
+                entry["tokens"] = {"prompt": tokens[0], "completion": tokens[1]}
 
 
 def renderMetrics(registry: CollectorRegistry, request: IRequest) -> bytes:

@@ -53,7 +53,7 @@ class InlineStore:
         self.hold = False
         self.broken = False
 
-    def runInteraction(self, fn: Any, *args: Any) -> Deferred[Any]:
+    def runInteraction(self, fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
         self.calls += 1
         if self.broken:
             return fail(sqlite3.OperationalError("disk I/O error"))
@@ -61,7 +61,7 @@ class InlineStore:
             d: Deferred[Any] = Deferred()
             self.held.append((d, fn, args))
             return d
-        result = fn(self.db.cursor(), *args)
+        result = fn(self.db.cursor(), *args, **kwargs)
         self.db.commit()
         return succeed(result)
 
