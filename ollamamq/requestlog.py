@@ -10,8 +10,9 @@ or response text is ever stored: only who, what route and model, where, how long
 tokens and how it ended. Rows older than C{log_retention_days} are deleted by the same
 loop, hourly.
 
-The table's schema is a migration step of the store (L{createTable}); queries for
-C{GET /proxy/usage} and C{ollamamq-usage} are L{usageTotals}.
+The table (C{request_log}) is created by a migration step of L{ollamamq.store}, in the
+daemon's one state file; queries for C{GET /proxy/usage} and C{ollamamq-usage} are
+L{usageTotals}.
 """
 
 from __future__ import annotations
@@ -131,36 +132,6 @@ def logAccess(record: RequestRecord) -> None:
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
-
-
-def createTable(txn: Any) -> None:
-    """
-    The store's schema step that adds the request log (run inside its migration).
-    """
-    txn.execute(
-        """
-        CREATE TABLE IF NOT EXISTS request_log (
-            id INTEGER PRIMARY KEY,
-            time REAL NOT NULL,
-            request_id TEXT NOT NULL,
-            user TEXT NOT NULL,
-            peer TEXT,
-            route TEXT NOT NULL,
-            model TEXT,
-            backend TEXT,
-            queue_wait REAL,
-            first_byte REAL,
-            duration REAL NOT NULL,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            bytes INTEGER NOT NULL,
-            status INTEGER NOT NULL,
-            cancelled INTEGER NOT NULL,
-            failovers INTEGER NOT NULL
-        )
-        """
-    )
-    txn.execute("CREATE INDEX IF NOT EXISTS request_log_time ON request_log (time)")
 
 
 def insertRows(txn: Any, rows: list[tuple]) -> None:

@@ -630,52 +630,19 @@ class Scheduler:
 
     def queuedFor(self, user: str) -> list[dict]:
         """
-        The queued requests of one user, oldest first, each with its estimated place:
-        C{{"request_id", "model", "waited", "position", "estimated_start"}}.
-
-        C{position} counts the requests that fair sharing would start before it and that
-        compete for the same backends, plus one: the user's own older requests, and for
-        every other user in the same class as many requests as it would get turns before
-        this one (all of them for a higher tier, none for a lower; under equal service
-        counters one per turn). C{estimated_start} is seconds from now: the turns ahead
-        divided by the slots serving the class, times the mean lease duration.
+        One user's queued requests as in L{queuedRequests} (positions among everyone's),
+        each with C{"estimated_start"}: seconds from now until it should start, the
+        requests ahead of it divided by the slots of the available backends that have its
+        model, times the mean lease duration so far; L{None} while no such backend is
+        available.
         """
-        state = self._users.get(user)
-        if state is None or not state.queued:
-            return []
-        now = self._clock.seconds()
         mean = self._meanLease if self._meanLease is not None else DEFAULT_ESTIMATE
-        found = []
-        for key, queue in state.queues.items():
-            cls = self._classes.get(key)
-            if cls is None:
-                continue
-            others = [
-                (other, other.queues[key].live)
-                for other in self._users.values()
-                if other is not state and key in other.queues and other.queues[key].live
-            ]
-            slots = sum(b.slots for b in self._pool.backends if b.available and cls.servedBy(b))
-            mine = [t for t in queue.tickets if t.state == _QUEUED]
-            for index, ticket in enumerate(mine):
-                ahead = index
-                for other, live in others:
-                    if other.tier < state.tier:
-                        ahead += live
-                    elif other.tier == state.tier:
-                        turns = index + (1 if other.counter <= state.counter else 0)
-                        ahead += min(live, turns)
-                found.append(
-                    {
-                        "request_id": ticket.job.requestId,
-                        "model": ticket.job.model,
-                        "waited": ticket.waitedBefore + (now - ticket.queuedSince),
-                        "position": ahead + 1,
-                        "estimated_start": (ahead // max(1, slots)) * mean if slots else None,
-                        "seq": ticket.seq,
-                    }
-                )
-        found.sort(key=lambda entry: entry.pop("seq"))
+        found = self.queuedRequests(user)
+        for entry in found:
+            model = entry["model"]
+            slots = sum(b.slots for b in self._pool.backends
+                        if b.available and (model is None or model in b.models))
+            entry["estimated_start"] = ((entry["position"] - 1) // slots) * mean if slots else None
         return found
 
     def stop(self) -> None:

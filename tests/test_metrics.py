@@ -230,7 +230,7 @@ class SchedulerViewTests(SynchronousTestCase):
         self.assertEqual([e["position"] for e in s.scheduler.queuedFor("alice")], [1, 2])
         s.enqueue("bob", requestId="b1")
         mine = s.scheduler.queuedFor("alice")
-        self.assertEqual([(e["request_id"], e["position"]) for e in mine],
+        self.assertEqual([(e["id"], e["position"]) for e in mine],
                          [("a3", 2), ("a4", 3)])
         self.assertEqual(s.scheduler.queuedFor("bob")[0]["position"], 1)
         self.assertEqual(s.scheduler.queuedFor("nobody"), [])

@@ -9,16 +9,16 @@ import sqlite3
 import threading
 from typing import Any
 
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ollamamq.store import Store, migrate
 from ollamamq.requestlog import (
     RequestLog,
     RequestRecord,
-    createTable,
+    insertRows,
     logAccess,
     usageTotals,
 )
@@ -47,7 +47,7 @@ class InlineStore:
 
     def __init__(self) -> None:
         self.db = sqlite3.connect(":memory:")
-        createTable(self.db.cursor())
+        migrate(self.db, ":memory:")
         self.calls = 0
         self.held: list[tuple[Deferred[Any], Any, tuple]] = []
         self.hold = False
@@ -205,9 +205,7 @@ class UsageTotalsTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.db = sqlite3.connect(":memory:")
-        createTable(self.db.cursor())
-        from ollamamq.requestlog import insertRows
-
+        migrate(self.db, ":memory:")
         insertRows(self.db.cursor(), [
             record(user="alice", model="a", time=86400 * 10 + 5).row(),
             record(user="alice", model="b", time=86400 * 11 + 5, promptTokens=1,
@@ -302,53 +300,44 @@ class AccessLineTests(SynchronousTestCase):
 
 class RealDatabaseTests(TestCase):
     """
-    With a real adbapi pool: writes happen off the reactor thread, and the log survives a
-    restart.
+    With the real store: writes happen off the reactor thread, in the store's one state
+    file, and the log survives a restart.
     """
 
-    def test_offThreadAndSurvivesRestart(self) -> None:
+    def test_offThreadAndSurvivesRestart(self) -> Deferred[None]:
         """
-        Rows are written on the pool's thread; a new pool on the same file reads them.
+        Rows are written on the store's thread; a new store on the same file reads them.
         """
         from twisted.internet import reactor
+        from twisted.internet.defer import ensureDeferred
 
         path = self.mktemp()
         threads: list[int] = []
 
-        def setup(conn: Any) -> None:
-            conn.execute("PRAGMA journal_mode=WAL")
-
-        def opened() -> adbapi.ConnectionPool:
-            pool = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False,
-                                         cp_min=1, cp_max=1, cp_openfun=setup)
-            return pool
-
-        pool = opened()
-
-        def migrate(txn: Any) -> None:
-            createTable(txn)
-
-        def recordingThread(txn: Any, rows: list[tuple]) -> None:
-            from ollamamq.requestlog import insertRows
-
+        def insertNoting(txn: Any, rows: list[tuple]) -> None:
             threads.append(threading.get_ident())
             insertRows(txn, rows)
 
+        def rowsIn(txn: Any) -> list[tuple]:
+            txn.execute("SELECT request_id, cancelled, failovers FROM request_log")
+            return txn.fetchall()
+
         async def run() -> None:
-            await pool.runInteraction(migrate)
-            log = RequestLog(lambda fn, *a: pool.runInteraction(
-                recordingThread if fn.__name__ == "insertRows" else fn, *a), reactor)
-            log.add(record(requestId="kept"))
+            store = Store(path, reactor)
+            store.start()
+            log = RequestLog(lambda fn, *a: store.runInteraction(
+                insertNoting if fn is insertRows else fn, *a), reactor)
+            log.add(record(requestId="kept", cancelled=True, failovers=1))
             await log.flush()
-            pool.close()
-            again = opened()
+            store.close()
+            again = Store(path, reactor)
+            again.start()
             try:
-                rows = await again.runQuery("SELECT request_id FROM request_log")
+                rows = await again.runInteraction(rowsIn)
             finally:
                 again.close()
-            self.assertEqual(rows, [("kept",)])
-            self.assertNotEqual(threads, [threading.get_ident()])
-
-        from twisted.internet.defer import ensureDeferred
+            self.assertEqual(rows, [("kept", 1, 1)])
+            self.assertNotIn(threading.get_ident(), threads)
+            self.assertEqual(len(threads), 1)
 
         return ensureDeferred(run())

@@ -15,7 +15,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ollamamq.requestlog import createTable, insertRows
+from ollamamq.requestlog import insertRows
+from ollamamq.store import migrate
 from ollamamq.usagecli import main
 from tests.test_requestlog import record
 
@@ -26,7 +27,7 @@ def stateFile(test: SynchronousTestCase) -> str:
     """
     path = test.mktemp()
     db = sqlite3.connect(path)
-    createTable(db.cursor())
+    migrate(db, path)
     insertRows(db.cursor(), [
         record(user="alice", promptTokens=10, completionTokens=20).row(),
         record(user="alice", promptTokens=1, completionTokens=2, model="qwen").row(),
