@@ -244,3 +244,48 @@ def _isUsageEvent(line: bytes) -> bool:
         and chunk.get("choices") == []
         and isinstance(chunk.get("usage"), dict)
     )
+
+
+class StreamAccount:
+    """
+    What the relay feeds each body chunk of one answer through: counts tokens
+    (L{UsageMeter}), notes when the first byte came, and, when the proxy asked the backend
+    for a usage event the client did not want, removes it (L{UsageEventFilter}).
+
+    @ivar firstByteAt: clock time of the first body byte, or L{None}.
+    """
+
+    def __init__(self, clock: Any, removeUsageEvent: bool = False) -> None:
+        self._clock = clock
+        self.meter = UsageMeter()
+        self.filter: UsageEventFilter | None = UsageEventFilter() if removeUsageEvent else None
+        self.firstByteAt: float | None = None
+
+    def started(self, sse: bool, lengthKnown: bool) -> None:
+        """
+        The answer's headers are known: a usage event can only be removed from an SSE
+        stream whose length the client was not told.
+        """
+        if self.filter is not None and (not sse or lengthKnown):
+            self.filter = None
+
+    def feed(self, data: bytes) -> bytes:
+        """
+        Take one chunk from the backend; return what the client gets now.
+        """
+        if self.firstByteAt is None and data:
+            self.firstByteAt = self._clock.seconds()
+        self.meter.feed(data)
+        return data if self.filter is None else self.filter.feed(data)
+
+    def finish(self) -> bytes:
+        """
+        The body ended: the bytes still held back, if any.
+        """
+        return b"" if self.filter is None else self.filter.finish()
+
+    def usage(self) -> Usage:
+        """
+        The answer's usage so far.
+        """
+        return self.meter.usage()

@@ -7,6 +7,7 @@ an OpenAI backend for.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -348,3 +349,105 @@ class UsageEventFilterTests(SynchronousTestCase):
         big = b"x" * (1024 * 1024 + 1)
         self.assertEqual(f.feed(big), big)
         self.assertEqual(f.feed(b"more"), b"more")
+
+
+class RelayAccountTests(SynchronousTestCase):
+    """
+    L{ollamamq.relay.Relay.stream} with a L{StreamAccount}: the client gets the backend's
+    stream less the usage event, as it arrives, and the account has the counts.
+    """
+
+    def setUp(self) -> None:
+        from treq.testing import RequestTraversalAgent, StubTreq
+        from twisted.internet.task import Clock
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        from ollamamq.backends import Backend
+        from ollamamq.errors import OPENAI
+        from ollamamq.relay import Relay, requestHeadersForBackend
+        from ollamamq.usage import StreamAccount
+        from tests.test_relay import HoldingBackend
+
+        self.clock = Clock()
+        self.backend = HoldingBackend(b"text/event-stream")
+        self.backendHTTP = RequestTraversalAgent(self.backend)
+        relay = Relay(self.backendHTTP, self.clock, idleTimeout=30)
+        self.accounts: list[StreamAccount] = []
+        test = self
+
+        class Front(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> object:
+                from twisted.internet.defer import ensureDeferred
+
+                async def run() -> None:
+                    response = await relay.open(
+                        Backend(name="b", url="http://backend"), request.method,
+                        request.uri, requestHeadersForBackend(request.requestHeaders),
+                        request.content.read())
+                    account = StreamAccount(test.clock, removeUsageEvent=True)
+                    test.accounts.append(account)
+                    await relay.stream(request, response, OPENAI, account,
+                                       {b"x-ollamamq-backend": b"b"})
+
+                ensureDeferred(run()).addBoth(lambda _: request.finish())
+                return NOT_DONE_YET
+
+        self.client = StubTreq(Front())
+
+    def flush(self) -> None:
+        for _ in range(3):
+            self.backendHTTP.flush()
+            self.client.flush()
+
+    def test_streamWithoutTheUsageEvent(self) -> None:
+        """
+        Each event reaches the client as the backend sends it; the usage event never
+        does; the counts are the backend's; the proxy's headers are on the response.
+        """
+        import treq
+
+        d = self.client.post("http://proxy/v1/chat/completions", data=b"{}", unbuffered=True)
+        self.flush()
+        backendRequest = self.backend.requests[0]
+        backendRequest.write(b"")
+        self.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders(b"x-ollamamq-backend"), [b"b"])
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        self.clock.advance(0.5)
+        backendRequest.write(sse(OPENAI_CHUNK))
+        self.flush()
+        self.assertEqual(b"".join(chunks), sse(OPENAI_CHUNK))
+        self.assertEqual(self.accounts[0].firstByteAt, 0.5)
+        for event in (OPENAI_LAST, OPENAI_USAGE, "[DONE]"):
+            backendRequest.write(sse(event))
+            self.flush()
+        backendRequest.finish()
+        self.flush()
+        self.successResultOf(done)
+        self.assertEqual(b"".join(chunks), sse(OPENAI_CHUNK, OPENAI_LAST, "[DONE]"))
+        usage = self.accounts[0].usage()
+        self.assertEqual((usage.promptTokens, usage.completionTokens), (11, 42))
+
+    def test_knownLengthKept(self) -> None:
+        """
+        An answer whose length the client was told is relayed whole (cutting it would
+        break the framing), usage event and all.
+        """
+        import treq
+
+        d = self.client.post("http://proxy/v1/chat/completions", data=b"{}", unbuffered=True)
+        self.flush()
+        backendRequest = self.backend.requests[0]
+        body = sse(OPENAI_USAGE, "[DONE]")
+        backendRequest.setHeader(b"content-length", b"%d" % len(body))
+        backendRequest.write(body)
+        backendRequest.finish()
+        self.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(self.successResultOf(treq.content(response)), body)
+        self.assertEqual(self.accounts[0].usage().promptTokens, 11)
