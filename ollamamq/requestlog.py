@@ -294,7 +294,9 @@ class RequestLog(Service):
         super().startService()
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
+        # The first tick one interval from now: the store is not touched while the daemon
+        # is still starting.
+        self._loop.start(self._interval, now=False).addErrback(
             lambda f: log.failure("Request log loop stopped", f))
 
     def stopService(self) -> Deferred[None]:

@@ -31,12 +31,16 @@ from ollamamq.config import (
     backendsFromURLs,
     buildConfig,
     loadConfigFile,
+    logFormat,
 )
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog
+from ollamamq.metrics import Metrics
 from ollamamq.relay import Relay
+from ollamamq.requestlog import RequestLog
 from ollamamq.scheduler import Scheduler
+from ollamamq.store import Store, StoreService
 
 log = Logger()
 
@@ -86,6 +90,8 @@ class Options(usage.Options):
          _seconds],
         ["control", None, None, "AMP control socket path [default: ollamamq.sock]."],
         ["state", None, None, "SQLite state file [default: ollamamq.db]."],
+        ["log-format", None, None, "Log lines as text or json (one JSON object per line) "
+         "[default: text]."],
     ]
 
     def __init__(self) -> None:
@@ -121,6 +127,11 @@ class Options(usage.Options):
             ModelCatalog(self.config.models)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.config.logFormat == "json" and getattr(self, "parent", None) is not None:
+            # twistd starts its log observer after makeService, from its own options.
+            from ollamamq.logs import jsonObserverFactory
+
+            self.parent["logger"] = jsonObserverFactory
         for description in self.config.listen:
             try:
                 # Parsing only: a memory reactor, since twistd installs the real one later.
@@ -152,6 +163,11 @@ class Options(usage.Options):
         ):
             if self[option] is not None:
                 fields[field] = self[option]
+        if self["log-format"] is not None:
+            try:
+                fields["logFormat"] = logFormat("--log-format", self["log-format"])
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         if self["allow-all-routes"]:
             fields["allowAllRoutes"] = True
         if self["demo"]:
@@ -199,6 +215,17 @@ class _AnnouncedEndpoint:
             return port
 
         return d.addCallback(announce)
+
+
+class _Site(Site):
+    """
+    A site that leaves out twisted.web's access line for proxied requests, which have
+    the proxy's own (L{ollamamq.requestlog.logAccess}) instead: one line per request.
+    """
+
+    def log(self, request: Any) -> None:
+        if not getattr(request, "ollamamqLogged", False):
+            super().log(request)
 
 
 class _DrainService(service.Service):
@@ -254,6 +281,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
     health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout)
+    metrics = Metrics(scheduler, pool, topUsers=config.metricsTopUsers)
+    health.onProbe = lambda backend, latency: metrics.probed(backend.name, latency)
+    store = Store(config.state, reactor, reactor)
+    requestLog = RequestLog(store.runInteraction, reactor,
+                            retentionDays=config.logRetentionDays)
     api = ProxyAPI(
         config=config,
         pool=pool,
@@ -264,8 +296,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
         recheck=lambda backend: health.probeSoon(backend, delay=RECHECK_DELAY),
+        metrics=metrics,
+        runQuery=store.runInteraction,
+        requestLog=requestLog,
     )
 
+    # Started first, stopped last: the request log writes its last batch while stopping.
+    StoreService(store).setServiceParent(top)
+    requestLog.setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
     health.service().setServiceParent(top)
     if config.demo:
@@ -276,7 +314,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = Site(api.resource())
+    site = _Site(api.resource())
     site.requestFactory = bodyLimitedRequest(config.maxBodyBytes)
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))

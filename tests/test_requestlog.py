@@ -156,6 +156,7 @@ class RequestLogTests(SynchronousTestCase):
         self.log.add(record(time=self.now - 10, requestId="new"))
         self.successResultOf(self.log.flush())
         self.log.startService()
+        self.clock.advance(1.0)
         self.assertEqual(
             [r[0] for r in self.store.db.execute("SELECT request_id FROM request_log")],
             ["new"],
