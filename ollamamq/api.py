@@ -55,6 +55,7 @@ from ollamamq.relay import (
 from ollamamq.metrics import Metrics, renderMetrics
 from ollamamq.requestlog import GROUPS, RequestLog, usageTotals
 from ollamamq.scheduler import Job, Lease, Scheduler
+from ollamamq.tracking import Observer
 from ollamamq.web.page import statusPage
 
 OLLAMA_ONLY = frozenset({OLLAMA_BACKEND})
@@ -256,6 +257,12 @@ class ProxyAPI:
     # The store's runInteraction (the request log's database), for GET /proxy/usage.
     runQuery: Callable[..., Any] | None = None
     requestLog: RequestLog | None = None
+    observer: Observer = attrs.field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.observer is None:
+            # Requests still get ids, headers and access lines without metrics or a log.
+            self.observer = Observer(self.relay.clock, self.metrics, self.requestLog)
 
     app = Klein()
 
@@ -597,21 +604,51 @@ class ProxyAPI:
         path = request.path
         model = resolution.key if resolution is not None else None
         who = self.identity.identify(request.requestHeaders, _peerHost(request))
-        job = Job(user=who.user, kinds=kindsFor(path), model=model)
+        tracker = self.observer.begin(request, who.user, _peerHost(request),
+                                 path.decode("latin-1"), model)
+        job = Job(user=who.user, kinds=kindsFor(path), model=model, peer=_peerHost(request),
+                  requestId=tracker.requestId)
         headers = self._backendHeaders(request)
-        lease: Lease = await self.scheduler.enqueue(job)
+        try:
+            lease: Lease = await self.scheduler.enqueue(job)
+        except CancelledError:
+            tracker.finish(request.code, cancelled=True)
+            raise
+        except ProxyError as e:
+            tracker.finish(e.status)
+            raise
+        except Exception:
+            tracker.finish(500)
+            raise
         try:
             while True:
-                data = self._bodyFor(lease.backend, body, resolution, path, raw)
+                tracker.granted(lease)
+                asked, account = tracker.account(path, body)
+                if asked is not None:
+                    # The body changed: serialise it rather than send the client's bytes.
+                    data = self._bodyFor(lease.backend, asked, resolution, path, None)
+                else:
+                    data = self._bodyFor(lease.backend, body, resolution, path, raw)
                 response = await self._open(request, lease.backend, headers, data)
                 if response is not None:
-                    await self.relay.stream(request, response, familyFor(path))
+                    await self.relay.stream(request, response, familyFor(path), account)
+                    tracker.finish(request.code)
                     return
                 failed = lease.backend
+                tracker.failedOver(failed)
                 try:
                     lease = await lease.retry()
                 except BadGateway as e:
                     raise BadGateway(f"{e.message} ({failed.error})", code=e.code) from None
+        except CancelledError:
+            tracker.finish(request.code, cancelled=True)
+            raise
+        except ProxyError as e:
+            tracker.finish(e.status)
+            raise
+        except Exception:
+            tracker.finish(500)
+            raise
         finally:
             lease.release()
 

@@ -38,6 +38,12 @@ from ollamamq.backends import BackendPool
 
 OTHER = "other"
 
+# Routes with a label of their own; any other path (with --allow-all-routes) is "other".
+ROUTE_LABELS = frozenset({
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
+    "/v1/completions", "/v1/embeddings", "/v1/messages", "/api/show",
+})
+
 # Users whose token totals /proxy/status shows (the most recently active).
 USER_TOKENS_KEPT = 10_000
 
@@ -230,19 +236,20 @@ class Metrics:
         """
         Account one finished request (a L{ollamamq.requestlog.RequestRecord}).
         """
-        self.requests.labels(record.route, str(record.status)).inc()
+        route = record.route if record.route in ROUTE_LABELS else OTHER
+        self.requests.labels(route, str(record.status)).inc()
         if record.queueWait is not None:
             self.queueWait.observe(record.queueWait)
         if record.firstByte is not None:
             self.firstByte.observe(record.firstByte)
         self.duration.observe(record.duration)
         if record.cancelled:
-            self.cancelled.labels(record.route).inc()
+            self.cancelled.labels(route).inc()
         if record.backend is not None:
             self.bytes.labels(record.backend).inc(record.bytes)
         if record.promptTokens is None:
             if record.backend is not None:
-                self.unaccounted.labels(record.route).inc()
+                self.unaccounted.labels(route).inc()
             return
         tokens = self.userTokens.pop(record.user, None) or [0, 0]
         tokens[0] += record.promptTokens

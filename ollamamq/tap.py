@@ -41,6 +41,7 @@ from ollamamq.relay import Relay
 from ollamamq.requestlog import RequestLog
 from ollamamq.scheduler import Scheduler
 from ollamamq.store import Store, StoreService
+from ollamamq.tracking import Observer
 
 log = Logger()
 
@@ -299,6 +300,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         metrics=metrics,
         runQuery=store.runInteraction,
         requestLog=requestLog,
+        observer=Observer(reactor, metrics, requestLog),
     )
 
     # Started first, stopped last: the request log writes its last batch while stopping.

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ollamamq.metrics import Metrics
 from ollamamq.requestlog import RequestLog
+from ollamamq.tracking import Observer
 from tests.test_api import CHAT, Proxy, sim
 from tests.test_requestlog import InlineStore, record
 
@@ -29,6 +30,8 @@ def observedProxy(test: SynchronousTestCase, **config: Any) -> Proxy:
     proxy.api.metrics = proxy.metrics
     proxy.api.runQuery = proxy.store.runInteraction
     proxy.api.requestLog = proxy.requestLog
+    proxy.api.observer = Observer(proxy.clock, proxy.metrics, proxy.requestLog,
+                                  wallClock=lambda: 1_800_000_000.0)
     return proxy
 
 
@@ -150,11 +153,14 @@ class StatusTokensTests(SynchronousTestCase):
 
     def test_tokens(self) -> None:
         """
-        Users with accounted requests carry their token totals.
+        Users with accounted requests carry their token totals (here one recorded
+        directly and one request through the simulator).
         """
         proxy = observedProxy(self)
         proxy.metrics.finished(record(user="alice", promptTokens=3, completionTokens=4))
         proxy.complete("POST", "/api/chat", CHAT, {"X-User-ID": "alice"})
         _, body = proxy.complete("GET", "/proxy/status")
         [alice] = [u for u in json.loads(body)["users"] if u["id"] == "alice"]
-        self.assertEqual(alice["tokens"], {"prompt": 3, "completion": 4})
+        [(prompt, completion)] = [(e["promptTokens"], e["tokens"])
+                                  for e in proxy.sims["gpu1"].stats["log"]]
+        self.assertEqual(alice["tokens"], {"prompt": 3 + prompt, "completion": 4 + completion})
