@@ -6,13 +6,14 @@ the access line.
 
 The request path calls, in order: L{Observer.begin} when the request arrives (the request
 id header is set at once, so even a refusal carries it), L{Tracker.granted} with each
-lease, L{Tracker.failedOver} when a backend fails before answering, L{Tracker.account}
-for the body sent to the backend and the L{ollamamq.usage.StreamAccount} the answer goes
-through, and L{Tracker.finish} once, whatever the outcome.
+lease, L{Tracker.failedOver} when a backend fails before answering, L{Tracker.prepare}
+for the body sent to the backend (and the L{ollamamq.usage.StreamAccount} the answer goes
+through), and L{Tracker.finish} once, whatever the outcome.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from ollamamq.requestlog import RequestRecord, logAccess
-from ollamamq.usage import StreamAccount, askForUsage
+from ollamamq.usage import OPENAI_STREAMING_ROUTES, StreamAccount, askForUsage
 
 REQUEST_ID = b"x-ollamamq-request-id"
 BACKEND = b"x-ollamamq-backend"
@@ -62,6 +63,7 @@ class Tracker:
         self.waited: float | None = None
         self.grantedAt: float | None = None
         self.failovers = 0
+        self._nextReason: str | None = None
         self.streamAccount: StreamAccount | None = None
         self.finished = False
         request.responseHeaders.setRawHeaders(REQUEST_ID, [requestId.encode("ascii")])
@@ -72,7 +74,7 @@ class Tracker:
         and count the dispatch with its reason.
         """
         backend = lease.backend
-        retried = self.backend is not None
+        reason, self._nextReason = self._nextReason, None
         self.backend = backend.name
         self.waited = lease.waited
         self.grantedAt = self._observer.clock.seconds()
@@ -81,8 +83,8 @@ class Tracker:
         headers.setRawHeaders(QUEUE_WAIT, [b"%d" % round(lease.waited * 1000)])
         metrics = self._observer.metrics
         if metrics is not None:
-            if retried:
-                reason = "failover"
+            if reason is not None:
+                pass
             elif self.model is None:
                 reason = "any"
             elif self.model in backend.loaded:
@@ -91,24 +93,51 @@ class Tracker:
                 reason = "cold"
             metrics.dispatched(backend.name, reason)
 
+    def busy(self, backend: Any) -> None:
+        """
+        C{backend} said it is busy; the request waits for another turn.
+        """
+        self._nextReason = "busy"
+
     def failedOver(self, backend: Any) -> None:
         """
         C{backend} failed before answering; the request moves on (or fails).
         """
         self.failovers += 1
+        self._nextReason = "failover"
         if self._observer.metrics is not None:
             self._observer.metrics.failedOver(backend.name)
 
-    def account(self, path: bytes, body: dict | None) -> tuple[dict | None, StreamAccount]:
+    def prepare(self, path: bytes, data: Any) -> Any:
         """
-        The body to send instead of C{body} (L{None}: send it as it is) and the account
-        the answer goes through. An OpenAI stream whose client did not ask for usage asks
-        for it here, and the account then removes that usage event again.
+        The body to send the backend for this attempt (C{data}, or for an OpenAI stream
+        whose client did not ask for usage, C{data} asking for it), and a new
+        L{StreamAccount} for the answer in L{streamAccount} (which then removes that
+        usage event again).
         """
-        replacement = askForUsage(path, body)
+        replacement = None
+        if path in OPENAI_STREAMING_ROUTES and isinstance(data, bytes) and b'"stream"' in data:
+            try:
+                body = json.loads(data)
+            except (ValueError, RecursionError):
+                body = None
+            if isinstance(body, dict):
+                replacement = askForUsage(path, body)
         self.streamAccount = StreamAccount(self._observer.clock,
                                            removeUsageEvent=replacement is not None)
-        return replacement, self.streamAccount
+        if replacement is None:
+            return data
+        return json.dumps(replacement).encode("utf-8")
+
+    def proxyHeaders(self) -> dict[bytes, bytes]:
+        """
+        The proxy's own response headers, set over whatever the backend sent.
+        """
+        headers = {REQUEST_ID: self.requestId.encode("ascii")}
+        if self.backend is not None:
+            headers[BACKEND] = self.backend.encode("utf-8")
+            headers[QUEUE_WAIT] = b"%d" % round((self.waited or 0) * 1000)
+        return headers
 
     def finish(self, status: int, cancelled: bool = False) -> RequestRecord | None:
         """

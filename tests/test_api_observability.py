@@ -30,7 +30,7 @@ def observedProxy(test: SynchronousTestCase, **config: Any) -> Proxy:
     proxy.api.metrics = proxy.metrics
     proxy.api.runQuery = proxy.store.runInteraction
     proxy.api.requestLog = proxy.requestLog
-    proxy.api.observer = Observer(proxy.clock, proxy.metrics, proxy.requestLog,
+    proxy.forwarder.observer = Observer(proxy.clock, proxy.metrics, proxy.requestLog,
                                   wallClock=lambda: 1_800_000_000.0)
     return proxy
 

@@ -81,10 +81,10 @@ def trackedProxy(test: SynchronousTestCase, sims: dict | None = None, **config: 
     proxy.requestLog = RequestLog(proxy.store.runInteraction, proxy.clock)
     proxy.observer = RecordingObserver(proxy.clock, proxy.metrics, proxy.requestLog,
                                        wallClock=lambda: 1_800_000_000.0)
-    proxy.api.observer = proxy.observer
+    proxy.forwarder.observer = proxy.observer
     proxy.api.metrics = proxy.metrics
-    proxy.tee = TeeAgent(proxy.api.relay.agent)
-    proxy.api.relay.agent = proxy.tee
+    proxy.tee = TeeAgent(proxy.relay.agent)
+    proxy.relay.agent = proxy.tee
     return proxy
 
 
