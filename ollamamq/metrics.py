@@ -210,6 +210,7 @@ class Metrics:
         # Tokens per user since start, for /proxy/status (not labels: not bounded by
         # topUsers, but by USER_TOKENS_KEPT).
         self.userTokens: dict[str, list[int]] = {}
+        self._children: dict[tuple, Any] = {}
 
     def dispatched(self, backend: str, reason: str) -> None:
         """
@@ -237,7 +238,7 @@ class Metrics:
         Account one finished request (a L{ollamamq.requestlog.RequestRecord}).
         """
         route = record.route if record.route in ROUTE_LABELS else OTHER
-        self.requests.labels(route, str(record.status)).inc()
+        self._child(self.requests, route, str(record.status)).inc()
         if record.queueWait is not None:
             self.queueWait.observe(record.queueWait)
         if record.firstByte is not None:
@@ -246,7 +247,7 @@ class Metrics:
         if record.cancelled:
             self.cancelled.labels(route).inc()
         if record.backend is not None:
-            self.bytes.labels(record.backend).inc(record.bytes)
+            self._child(self.bytes, record.backend).inc(record.bytes)
         if record.promptTokens is None:
             if record.backend is not None:
                 self.unaccounted.labels(route).inc()
@@ -260,9 +261,20 @@ class Metrics:
             del self.userTokens[next(iter(self.userTokens))]
         user = self.users.label(record.user)
         model = record.model or ""
-        self.tokens.labels(user, model, "prompt").inc(record.promptTokens)
-        self.tokens.labels(user, model, "completion").inc(record.completionTokens or 0)
+        self._child(self.tokens, user, model, "prompt").inc(record.promptTokens)
+        self._child(self.tokens, user, model, "completion").inc(record.completionTokens or 0)
 
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """
+        C{metric.labels(*labels)}, looked up once: prometheus_client takes a lock and
+        builds a key on every C{labels} call, which is most of a request's metrics cost.
+        """
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def addTokens(self, users: list[dict]) -> None:
         """
