@@ -136,6 +136,11 @@ class ProxyAPI:
     # The store's runInteraction (the request log's database), for GET /proxy/usage.
     runQuery: Callable[..., Any] | None = None
     requestLog: RequestLog | None = None
+    # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
+    # /proxy/status with the runtime details and the admin routes.
+    control: Any = None
+    # The admin HTTP API (ollamamq.control.http.AdminAPI), mounted at /proxy/.
+    admin: Any = None
 
     app = Klein()
 
@@ -206,16 +211,18 @@ class ProxyAPI:
         """
         Backends, users and queues, as documented in DESIGN.md section 4.
         """
-        users = self.scheduler.snapshot()
+        if self.control is not None:
+            payload = self.control.status()
+        else:
+            payload = {
+                "backends": [b.describe() for b in self.pool.backends],
+                "users": self.scheduler.snapshot(),
+                "blocked_ips": [],
+                "queued": self.scheduler.queued,
+                "active": self.scheduler.active,
+            }
         if self.metrics is not None:
-            self.metrics.addTokens(users)
-        payload = {
-            "backends": [b.describe() for b in self.pool.backends],
-            "users": users,
-            "blocked_ips": [],
-            "queued": self.scheduler.queued,
-            "active": self.scheduler.active,
-        }
+            self.metrics.addTokens(payload["users"])
         return _jsonResponse(request, payload)
 
     @app.route("/metrics", methods=["GET"])
@@ -268,6 +275,17 @@ class ProxyAPI:
         rows = await self.runQuery(usageTotals, **filters)
         return _jsonResponse(request, {"group": filters["group"], "since": filters["since"],
                                        "until": filters["until"], "totals": rows})
+
+    @app.route("/proxy/", branch=True)
+    def proxyAdmin(self, request: IRequest) -> Any:
+        """
+        The admin API (L{ollamamq.control.http}) below C{/proxy/}; routes of this table
+        with a fixed path (C{/proxy/status}) go first.
+        """
+        if self.admin is None:
+            raise NotFound(f"no route for {request.path.decode('latin-1')}",
+                           code="unknown_route")
+        return self.admin.resource()
 
     # --- aggregated over backends, never queued ---
 
