@@ -170,6 +170,22 @@ class ProxyAPI:
     def _proxyError(self, request: IRequest, failure: Failure) -> bytes:
         return self._answer(request, failure.value)
 
+    @app.handle_errors(HTTPException)
+    def _routingError(self, request: IRequest, failure: Failure) -> bytes:
+        # The router's own refusals (a path the catch-all does not match, such as POST /)
+        # answered like every other error, never as a logged 500.
+        error = failure.value
+        valid = getattr(error, "valid_methods", None)
+        if error.code == 405 and valid:
+            allowed = [m for m in KNOWN_METHODS if m in valid]
+            path = request.path.decode("latin-1")
+            return self._answer(request, MethodNotAllowed(
+                f"{request.method.decode('latin-1')} is not allowed on {path}; use "
+                + " or ".join(allowed), allowed))
+        return self._answer(request, NotFound(
+            f"no route for {request.method.decode('latin-1')} "
+            f"{request.path.decode('latin-1')}", code="unknown_route"))
+
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         # A bug must cost one request a 500, never the daemon or a traceback to the client.
