@@ -5,8 +5,8 @@ per line for journald, Loki and friends.
 
 A JSON line has C{time} (ISO 8601, UTC), C{level}, C{namespace}, C{message} (the event
 formatted as the text line would read) and, for the access line of a request, every field
-of its L{ollamamq.requestlog.RequestRecord} as keys of its own; a logged failure adds
-C{traceback}.
+of its L{ollamamq.requestlog.RequestRecord} as keys of its own (the request's arrival, Unix
+seconds, as C{arrived}); a logged failure adds C{traceback}.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def formatJSONLine(event: dict[str, Any]) -> str:
     }
     if event.get("access"):
         for column in COLUMNS:
-            record[column] = event.get(column)
+            # The request's arrival must not replace the line's own time.
+            record["arrived" if column == "time" else column] = event.get(column)
         record["cancelled"] = bool(event.get("cancelled"))
     failure = event.get("log_failure")
     if failure is not None:

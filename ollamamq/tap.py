@@ -137,10 +137,9 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self.config.logFormat == "json" and getattr(self, "parent", None) is not None:
-            # twistd starts its log observer after makeService, from its own options.
-            from ollamamq.logs import jsonObserverFactory
-
-            self.parent["logger"] = jsonObserverFactory
+            # twistd starts its log observer after makeService, from its own options (a
+            # name it imports once every option is parsed).
+            self.parent["logger"] = "ollamamq.logs.jsonObserverFactory"
         for description in self.config.listen:
             try:
                 # Parsing only (no reactor: twistd installs the real one later).

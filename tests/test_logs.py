@@ -55,6 +55,8 @@ class JSONLinesTests(SynchronousTestCase):
                           line["prompt_tokens"], line["queue_wait"]),
                          ("alice", 200, True, None, 0.5))
         self.assertIn("tokens=unknown", line["message"])
+        self.assertEqual(line["arrived"], 1_000_000.0)
+        self.assertTrue(line["time"].endswith("+00:00"))
 
     def test_failure(self) -> None:
         """
@@ -83,7 +85,10 @@ class OptionTests(SynchronousTestCase):
         options.environ = {}
         options.parent = {}
         options.parseOptions(["--log-format", "json"])
-        self.assertIs(options.parent["logger"], jsonObserverFactory)
+        self.assertEqual(options.parent["logger"], "ollamamq.logs.jsonObserverFactory")
+        from twisted.python.reflect import namedAny
+
+        self.assertIs(namedAny(options.parent["logger"]), jsonObserverFactory)
         self.assertEqual(options.config.logFormat, "json")
 
     def test_textLeavesTwistdAlone(self) -> None:
