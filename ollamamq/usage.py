@@ -15,8 +15,7 @@ Every API family reports its counts in JSON keys of its own:
 L{UsageMeter} finds those keys with one regular expression over the bytes, whatever the
 framing: a quote inside a JSON string is always escaped, so C{"eval_count":} with bare
 quotes is a key and never text of the answer. A chunk is only searched when one of the
-keys' endings occurs in it (three substring tests, most chunks are token lines that have
-none), and a few bytes are carried over from the previous chunk so that a key split
+keys' endings occurs in it (one search; most chunks are token lines that have none), and a few bytes are carried over from the previous chunk so that a key split
 between two chunks is still found. The last value of each key wins (Anthropic's final
 C{output_tokens} comes last).
 
@@ -41,7 +40,8 @@ _COUNTS = re.compile(
     rb'"(prompt_eval_count|eval_count|total_duration|load_duration|prompt_tokens'
     rb'|completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)(?=\D)'
 )
-_ENDINGS = (b'_tokens"', b'_count"', b'_duration"')
+# The endings of those keys: one search for them decides whether a chunk is read at all.
+_ENDINGS = re.compile(rb'_(?:tokens|count|duration)"')
 
 # Bytes of the previous chunk searched again with the next one: longer than the longest
 # key-value pair above with a little whitespace.
@@ -100,8 +100,8 @@ class UsageMeter:
         Account one chunk of the body.
         """
         self._bytes += len(data)
-        window = self._carry + data if self._carry else data
-        if _ENDINGS[0] in window or _ENDINGS[1] in window or _ENDINGS[2] in window:
+        window = self._carry + data
+        if _ENDINGS.search(window) is not None:
             for match in _COUNTS.finditer(window):
                 self._values[match.group(1)] = int(match.group(2))
         self._carry = window[-_CARRY:]
