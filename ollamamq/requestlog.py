@@ -202,6 +202,8 @@ class RequestLog(Service):
 
     @ivar runInteraction: the store's C{runInteraction}: runs C{fn(txn, *args)} on its
         database thread and fires with the result.
+    @ivar retentionDays: rows older than this many days are deleted (L{None}: kept);
+        a config reload sets it.
     @ivar dropped: records thrown away because the database fell too far behind.
     """
 
@@ -217,7 +219,7 @@ class RequestLog(Service):
     ) -> None:
         self.runInteraction = runInteraction
         self._clock = clock
-        self._retention = retentionDays
+        self.retentionDays = retentionDays
         self._batchSize = batchSize
         self._interval = interval
         self._maxPending = maxPending
@@ -277,9 +279,9 @@ class RequestLog(Service):
         """
         Delete rows past the retention now; fires with how many went.
         """
-        if self._retention is None:
+        if self.retentionDays is None:
             return succeed(0)
-        cutoff = self._wallClock() - self._retention * 86400
+        cutoff = self._wallClock() - self.retentionDays * 86400
         return self.runInteraction(deleteBefore, cutoff)
 
     def _tick(self) -> None:

@@ -432,6 +432,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         api.identity.reconfigure(new)
         relay.reconfigure(new)
         health.reconfigure(new)
+        requestLog.retentionDays = new.logRetentionDays
 
     hub = EventHub(reactor, lambda: actions.totals())
     actions = ControlActions(

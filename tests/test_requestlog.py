@@ -163,6 +163,17 @@ class RequestLogTests(SynchronousTestCase):
         )
         self.successResultOf(self.log.stopService())
 
+    def test_retentionChanged(self) -> None:
+        """
+        A new retention (a config reload) applies to the next deletion.
+        """
+        self.log.add(record(time=self.now - 3 * 86400))
+        self.successResultOf(self.log.flush())
+        self.log.retentionDays = 7
+        self.assertEqual(self.successResultOf(self.log.prune()), 0)
+        self.log.retentionDays = 2
+        self.assertEqual(self.successResultOf(self.log.prune()), 1)
+
     def test_noRetention(self) -> None:
         """
         Without a retention nothing is deleted.
