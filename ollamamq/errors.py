@@ -27,6 +27,7 @@ class ProxyError(Exception):
     @ivar message: what went wrong, for a person.
     @ivar code: a machine-readable reason (OpenAI C{error.code}), or L{None}.
     @ivar retryAfter: seconds for a C{Retry-After} header, or L{None}.
+    @ivar headers: further response headers the answer carries (lower-case names).
     """
 
     status = 500
@@ -40,6 +41,7 @@ class ProxyError(Exception):
         self.message = message
         self.code = code
         self.retryAfter = retryAfter
+        self.headers: dict[bytes, bytes] = {}
 
 
 class BadRequest(ProxyError):
@@ -53,7 +55,8 @@ class BadRequest(ProxyError):
 
 class Unauthorized(ProxyError):
     """
-    A missing or unknown key where one is needed.
+    A missing or unknown key where one is needed (the user's key with C{auth =
+    "required"}, the admin key on admin routes).
     """
 
     status = 401
@@ -62,7 +65,7 @@ class Unauthorized(ProxyError):
 
 class Forbidden(ProxyError):
     """
-    A blocked user or address, or an admin route without the admin key.
+    A blocked user or address.
     """
 
     status = 403
@@ -106,7 +109,7 @@ class BodyTooLarge(ProxyError):
 
 class TooManyRequests(ProxyError):
     """
-    The user's queue is full.
+    The user's queue is full, or the user's request rate is over its limit.
     """
 
     status = 429
