@@ -7,6 +7,7 @@ to the scheduler and then the relay, aggregated ones to the aggregator.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
@@ -36,10 +37,10 @@ from ollamamq.errors import (
     BadGateway,
     BadRequest,
     BodyTooLarge,
-    Forbidden,
     MethodNotAllowed,
     NotFound,
     ProxyError,
+    Unauthorized,
     Unavailable,
     errorBody,
     retryAfterHeader,
@@ -220,6 +221,10 @@ class ProxyAPI:
             request.setHeader(b"retry-after", retry)
         if isinstance(error, MethodNotAllowed):
             request.setHeader(b"allow", ", ".join(error.allowed).encode("ascii"))
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        if isinstance(error, Unauthorized):
+            request.setHeader(b"www-authenticate", b'Bearer realm="ollamamq"')
         request.setResponseCode(error.status)
         request.setHeader(b"content-type", JSON)
         return errorBody(error, familyFor(request.path))
@@ -264,8 +269,21 @@ class ProxyAPI:
     @app.route("/proxy/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
         """
-        Backends, users and queues, as documented in DESIGN.md section 4.
+        Backends, users and queues, as documented in DESIGN.md section 4. Without the
+        admin key (see L{_isAdmin}), only totals and backend states: no user names, client
+        addresses or backend URLs.
         """
+        if not self._isAdmin(request):
+            return _jsonResponse(request, {
+                "backends": [
+                    {field: entry[field] for field in
+                     ("name", "online", "state", "kind", "slots", "active", "draining")}
+                    for entry in (b.describe() for b in self.pool.backends)
+                ],
+                "queued": self.scheduler.queued,
+                "active": self.scheduler.active,
+                "detail": False,
+            })
         payload = {
             "backends": [b.describe() for b in self.pool.backends],
             "users": self.scheduler.snapshot(),
@@ -578,18 +596,37 @@ class ProxyAPI:
             return None
         return await self._fanOut(request, targets, data)
 
+    def _isAdmin(self, request: IRequest) -> bool:
+        """
+        Whether C{request} comes from the admin: it carries the admin key, or no admin key
+        is configured and it comes straight from this host (a loopback peer, not relaying
+        for anyone: no C{X-Forwarded-For} or C{Forwarded}).
+        """
+        headers = request.requestHeaders
+        if self.config.adminKey is not None:
+            return self.identity.isAdmin(headers)
+        if headers.hasHeader(b"x-forwarded-for") or headers.hasHeader(b"forwarded"):
+            return False
+        try:
+            return ipaddress.ip_address(_peerHost(request)).is_loopback
+        except ValueError:
+            # No IP peer: a UNIX socket, which is on this host too.
+            return _peerHost(request) == "local" or _peerHost(request).startswith("/")
+
     def _checkAdmin(self, request: IRequest) -> None:
-        key = self.config.adminKey
-        if key is None:
-            return
-        given = [v.decode("latin-1").strip()
-                 for v in request.requestHeaders.getRawHeaders(b"x-admin-key", [])]
-        for auth in request.requestHeaders.getRawHeaders(b"authorization", []):
-            scheme, _, credential = auth.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                given.append(credential.strip())
-        if key not in given:
-            raise Forbidden("this route needs the admin key", code="admin_only")
+        """
+        Refuse a request that is not the admin's with 401 (see L{_isAdmin}).
+        """
+        if not self._isAdmin(request):
+            if self.config.adminKey is None:
+                raise Unauthorized(
+                    "this route is for the admin: set admin_key, or ask from this host",
+                    code="admin_only",
+                )
+            raise Unauthorized(
+                "this route needs the admin key (Authorization: Bearer or X-Admin-Key)",
+                code="admin_only",
+            )
 
     async def _fanOut(self, request: IRequest, targets: list[Backend], data: bytes) -> bytes:
         headers = self._backendHeaders(request)

@@ -48,6 +48,8 @@ class Backend:
     @ivar loaded: canonical keys of the models it has in memory.
     @ivar active: requests the proxy is running on it now.
     @ivar draining: finishing what it runs, taking nothing new.
+    @ivar apiKey: the backend's own key (C{[[backends]] api_key}), sent to it alone as
+        C{Authorization: Bearer}; never shown in status.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Backend:
     error: str | None = None
     active: int = 0
     draining: bool = False
+    apiKey: str | None = attrs.field(default=None, repr=False)
 
     @property
     def online(self) -> bool:
@@ -90,6 +93,15 @@ class Backend:
         any model), regardless of whether it is online now.
         """
         return self.kind in kinds and (model is None or model in self.models)
+
+    def authHeaders(self) -> dict[bytes, list[bytes]]:
+        """
+        The headers that authenticate the proxy to this backend: C{Authorization: Bearer}
+        with its own key, or none.
+        """
+        if self.apiKey is None:
+            return {}
+        return {b"authorization": [b"Bearer " + self.apiKey.encode("utf-8")]}
 
     def modelName(self, model: str) -> str:
         """

@@ -461,6 +461,11 @@ def buildConfig(
     if envURLs:
         fields["backends"] = backendsFromURLs(envURLs, "OLLAMA_URLS")
     fields.update(cliFields)
+    if fields.get("auth") == "required":
+        # Required keys must not be sidestepped by a header any local process can send
+        # (the default trusted proxy is 127.0.0.1): trusting X-User-ID from a proxy that
+        # authenticates users is then an explicit choice.
+        fields.setdefault("trustUserHeader", False)
     if not fields.get("backends") and not fields.get("demo"):
         fields["backends"] = backendsFromURLs([DEFAULT_BACKEND], "backend")
     backends = fields.get("backends", ())

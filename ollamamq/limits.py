@@ -29,8 +29,9 @@ from twisted.internet.interfaces import IReactorTime
 from ollamamq.config import Config
 from ollamamq.errors import TooManyRequests
 
-# Float slack, so that waiting exactly the advertised Retry-After always suffices.
-_EPSILON = 1e-9
+# Float slack (in tokens and seconds), so that float error neither adds a second to the
+# advertised Retry-After nor makes waiting exactly that long fall short.
+_EPSILON = 1e-6
 
 # Buckets kept before the first sweep for full ones.
 _SWEEP_MIN = 1024
@@ -123,7 +124,7 @@ class RateLimiter:
             error = TooManyRequests(
                 f"rate limit of {limit} requests per minute reached for user {user}",
                 code="rate_limited",
-                retryAfter=(1.0 - bucket.tokens) / rate,
+                retryAfter=max(0.0, (1.0 - bucket.tokens) / rate - _EPSILON),
             )
             error.headers.update(state.headers())
             raise error

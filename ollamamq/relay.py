@@ -173,11 +173,20 @@ class Relay:
         Send a request to C{backend} and wait for its response headers.
 
         @param path: the path and query, starting with C{/}.
+        @param headers: the client's headers, less the proxy's own credentials. A backend
+            with its own C{apiKey} gets that as C{Authorization: Bearer} instead of any
+            credential the client sent.
         @raise BackendUnreachable: the connection failed before a response started.
         @raise GatewayTimeout: no response headers within the idle timeout.
         @raise CancelledError: the caller cancelled (the client went away).
         """
         url = backend.url.encode("utf-8") + path
+        auth = backend.authHeaders()
+        if auth:
+            headers = headers.copy()
+            headers.removeHeader(b"x-api-key")
+            for name, values in auth.items():
+                headers.setRawHeaders(name, values)
         d = self.agent.request(
             method, url, headers, _BodyBytes(body) if body is not None else None
         )

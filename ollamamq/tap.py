@@ -22,9 +22,11 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 from zope.interface import implementer
 
+from ollamamq.access import AccessGate
 from ollamamq.aggregate import Aggregator
 from ollamamq.api import ProxyAPI, bodyLimitedRequest
 from ollamamq.backends import Backend, BackendPool
+from ollamamq.channel import guardedChannel
 from ollamamq.config import (
     Config,
     ConfigError,
@@ -34,6 +36,7 @@ from ollamamq.config import (
 )
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
+from ollamamq.limits import RateLimiter
 from ollamamq.models import ModelCatalog
 from ollamamq.relay import Relay
 from ollamamq.scheduler import Scheduler
@@ -250,16 +253,19 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     agent = Agent(reactor, pool=httpPool)
     http = HTTPClient(agent)
 
-    pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
+    pool = BackendPool(
+        Backend(name=b.name, url=b.url, slots=b.slots, apiKey=b.apiKey) for b in config.backends
+    )
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
     health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout)
+    identity = IdentityResolver(config)
     api = ProxyAPI(
         config=config,
         pool=pool,
         scheduler=scheduler,
         relay=Relay(agent, reactor, config.timeout),
-        identity=IdentityResolver(config),
+        identity=identity,
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
@@ -276,8 +282,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = Site(api.resource())
+    site = Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config)),
+                reactor=reactor)
     site.requestFactory = bodyLimitedRequest(config.maxBodyBytes)
+    site.protocol = guardedChannel(reactor, config.clientTimeout, config.maxHeaderBytes)
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
         listener = StreamServerEndpointService(endpoint, site)

@@ -182,6 +182,11 @@ max_running = 1
         self.assertEqual(alice.keys, ("sk-alice", digest.lower()))
         self.assertEqual((alice.maxRequestsPerMinute, alice.maxRunning), (10, 1))
         self.assertNotIn("sk-alice", repr(config))
+        # With auth required, X-User-ID is trusted only when asked for explicitly.
+        self.assertFalse(config.trustUserHeader)
+        trusting = buildConfig(parseTOML('[server]\nauth = "required"\ntrust_user_header = true\n'),
+                               {}, {})
+        self.assertTrue(trusting.trustUserHeader)
         defaults = buildConfig({}, {}, {})
         self.assertEqual((defaults.auth, defaults.maxRequestsPerMinute,
                           defaults.maxRunningPerUser), ("optional", None, None))

@@ -49,7 +49,7 @@ class BucketTests(SynchronousTestCase):
         e = self.assertRaises(TooManyRequests, r.check, "alice")
         self.assertEqual((e.status, e.code), (429, "rate_limited"))
         # 6 per minute: one token every 10 seconds.
-        self.assertAlmostEqual(e.retryAfter, 10.0)
+        self.assertAlmostEqual(e.retryAfter, 10.0, places=5)
         self.assertEqual(e.headers[b"x-ratelimit-limit"], b"6")
         self.assertEqual(e.headers[b"x-ratelimit-remaining"], b"0")
         self.assertEqual(e.headers[b"x-ratelimit-reset"], b"60")
