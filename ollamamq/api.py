@@ -45,7 +45,8 @@ from ollamamq.errors import (
     errorBody,
     retryAfterHeader,
 )
-from ollamamq.identity import IdentityResolver
+from ollamamq.identity import IP_PREFIX, MAX_USER_ID, IdentityResolver
+from ollamamq.keys import UnknownKey
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import (
     BackendUnreachable,
@@ -192,6 +193,8 @@ class ProxyAPI:
 
     @ivar recheck: called with a backend that just failed a request (it is offline now),
         so that it can be probed again soon.
+    @ivar keys: the runtime-minted keys (L{ollamamq.keys.MintedKeys}), or L{None} when
+        there is no state store to keep them in.
     """
 
     config: Config
@@ -202,6 +205,7 @@ class ProxyAPI:
     catalog: ModelCatalog
     aggregator: Aggregator
     recheck: Callable[[Backend], None] = lambda backend: None
+    keys: Any = None
 
     app = Klein()
 
@@ -292,6 +296,56 @@ class ProxyAPI:
             "active": self.scheduler.active,
         }
         return _jsonResponse(request, payload)
+
+    # --- runtime-minted API keys (admin) ---
+
+    def _keysFor(self, request: IRequest, user: str) -> Any:
+        """
+        The minted-keys manager, once the caller is known to be the admin and C{user} to
+        be a user id a key can name.
+        """
+        self._checkAdmin(request)
+        if not user.strip() or len(user) > MAX_USER_ID or any(
+            ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in user
+        ) or user.lower().startswith(IP_PREFIX):
+            raise BadRequest(f"not a user id a key can name: {user!r}", code="invalid_user")
+        if self.keys is None:
+            raise Unavailable("no state store to keep minted keys in", code="no_store")
+        return self.keys
+
+    @app.route("/proxy/users/<user>/keys", methods=["POST"])
+    async def mintKey(self, request: IRequest, user: str) -> bytes:
+        """
+        Mint a key for C{user}: answered once, stored only as its digest, accepted at
+        once.
+        """
+        minted = await self._keysFor(request, user).mint(user)
+        # The one answer that carries a key: no cache may keep it.
+        request.setHeader(b"cache-control", b"no-store")
+        return _jsonResponse(
+            request, {"user": user, "prefix": minted.prefix, "key": minted.key}, 201
+        )
+
+    @app.route("/proxy/users/<user>/keys", methods=["GET"])
+    async def listKeys(self, request: IRequest, user: str) -> bytes:
+        """
+        C{user}'s minted keys: prefixes and creation times, never the keys.
+        """
+        found = await self._keysFor(request, user).list(user)
+        return _jsonResponse(request, {"user": user, "keys": [
+            {"prefix": k.prefix, "created": k.created} for k in found
+        ]})
+
+    @app.route("/proxy/users/<user>/keys/<prefix>", methods=["DELETE"])
+    async def revokeKey(self, request: IRequest, user: str, prefix: str) -> bytes:
+        """
+        Revoke C{user}'s key named C{prefix}: refused from the moment this answers.
+        """
+        try:
+            await self._keysFor(request, user).revoke(user, prefix)
+        except UnknownKey:
+            raise NotFound(f"user {user!r} has no key {prefix!r}", code="unknown_key") from None
+        return _jsonResponse(request, {"user": user, "prefix": prefix, "revoked": True})
 
     # --- aggregated over backends, never queued ---
 

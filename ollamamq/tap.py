@@ -36,10 +36,12 @@ from ollamamq.config import (
 )
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
+from ollamamq.keys import MintedKeys, loadKeys
 from ollamamq.limits import RateLimiter
 from ollamamq.models import ModelCatalog
 from ollamamq.relay import Relay
 from ollamamq.scheduler import Scheduler
+from ollamamq.store import Store, StoreService
 
 log = Logger()
 
@@ -248,6 +250,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     assert config is not None, "Options.parseOptions() was not called"
 
     top = service.MultiService()
+    # First in, last out: the state file is open before anything serves and closed after
+    # everything has stopped.
+    store = Store(config.state, reactor, reactor)
+    StoreService(store).setServiceParent(top)
     httpPool = _QuietConnectionPool(reactor, persistent=True)
     httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
     agent = Agent(reactor, pool=httpPool)
@@ -260,6 +266,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     catalog = ModelCatalog(config.models)
     health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout)
     identity = IdentityResolver(config)
+    # Before anything serves: a minted key works from the first request on.
+    loadKeys(config.state, identity)
     api = ProxyAPI(
         config=config,
         pool=pool,
@@ -270,6 +278,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
         recheck=lambda backend: health.probeSoon(backend, delay=RECHECK_DELAY),
+        keys=MintedKeys(store, identity, reactor),
     )
 
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
