@@ -198,7 +198,9 @@ class _AnnouncedEndpoint:
             address = port.getHost()
             host, number = getattr(address, "host", None), getattr(address, "port", None)
             if number is not None:
-                log.info("ollamamq listening on http://{host}:{port}/", host=host, port=number)
+                scheme = "https" if self._description.startswith("ssl:") else "http"
+                log.info("ollamamq listening on {scheme}://{host}:{port}/", scheme=scheme,
+                         host=host, port=number)
             else:
                 log.info("ollamamq listening on {description}", description=self._description)
             return port
