@@ -32,8 +32,8 @@ from urllib.parse import parse_qsl
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from ollamamq.api import JSON, familyFor
-from ollamamq.errors import BadRequest, ProxyError, Unauthorized, errorBody, retryAfterHeader
+from ollamamq.errors import BadRequest, ProxyError, writeError
+from ollamamq.front import familyFor
 from ollamamq.identity import IdentityResolver
 from ollamamq.limits import RateLimiter
 
@@ -128,15 +128,5 @@ class AccessGate(Resource):
         """
         The shaped answer for a refused request.
         """
-        request.setResponseCode(error.status)
-        request.setHeader(b"content-type", JSON)
-        retry = retryAfterHeader(error)
-        if retry is not None:
-            request.setHeader(b"retry-after", retry)
-        for name, value in error.headers.items():
-            request.setHeader(name, value)
-        if isinstance(error, Unauthorized):
-            request.setHeader(b"www-authenticate", b'Bearer realm="ollamamq"')
-        if request.method == b"HEAD":
-            return b""
-        return errorBody(error, familyFor(b"/" + request.path.lstrip(b"/")))
+        body = writeError(request, error, familyFor(request.path))
+        return b"" if request.method == b"HEAD" else body

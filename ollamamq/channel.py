@@ -25,8 +25,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
-from ollamamq.api import JSON, familyFor
-from ollamamq.errors import ProxyError, errorBody
+from ollamamq.errors import HeadersTooLarge, ProxyError, RequestTimeout, TargetTooLong, errorResponse
+from ollamamq.front import familyFor
 
 log = Logger()
 
@@ -36,36 +36,6 @@ MIN_BODY_RATE = 64 * 1024
 _IDLE = "idle"
 _RECEIVING = "receiving"
 _HANDLING = "handling"
-
-
-class RequestTimeout(ProxyError):
-    """
-    The client sent its request too slowly.
-    """
-
-    status = 408
-    openaiType = anthropicType = "invalid_request_error"
-
-
-class HeadersTooLarge(ProxyError):
-    """
-    The request's headers are over C{max_header_bytes}.
-    """
-
-    status = 431
-    openaiType = anthropicType = "invalid_request_error"
-
-
-class TargetTooLong(ProxyError):
-    """
-    The request line alone is over C{max_header_bytes}.
-    """
-
-    status = 414
-    openaiType = anthropicType = "invalid_request_error"
-
-
-_PHRASES = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
 def _targetOf(line: bytes) -> bytes:
@@ -189,12 +159,7 @@ def guardedChannel(clock: IReactorTime, clientTimeout: float, maxHeaderBytes: in
             self._state = _HANDLING
             self._cancelGuard()
             self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore
-            body = errorBody(error, familyFor(path))
-            self.transport.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n" % (error.status, _PHRASES[error.status], JSON, len(body))
-                + body
-            )
+            self.transport.write(errorResponse(error, familyFor(path.split(b"?", 1)[0])))
             self.loseConnection()
 
     return GuardedChannel

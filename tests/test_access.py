@@ -349,12 +349,12 @@ class BackendKeyTests(SynchronousTestCase):
         for path in ["/api/tags", "/api/ps", "/api/version"]:
             self.assertEqual(proxy.backendSaw(path)[-1]["authorization"], ["Bearer llama-own"])
         proxy.complete("POST", "/api/chat", CHAT, {"Authorization": "Bearer sk-alice"})
-        proxy.complete("POST", "/v1/messages", ANTHROPIC_CHAT,
+        proxy.complete("POST", "/api/generate", {"model": "llama3", "prompt": "hi"},
                        {"x-api-key": "sk-bob", "X-Admin-Key": "admin-secret"})
         proxy.complete("POST", "/v1/chat/completions", CHAT,
                        {"Authorization": "Bearer client-own", "x-api-key": "client-other"})
         proxy.complete("GET", "/api/tags", headers={"Authorization": "Bearer sk-alice"})
-        for path in ["/api/chat", "/v1/messages", "/v1/chat/completions"]:
+        for path in ["/api/chat", "/api/generate", "/v1/chat/completions"]:
             seen = proxy.backendSaw(path)[-1]
             self.assertEqual(seen["authorization"], ["Bearer llama-own"], path)
             self.assertNotIn("x-api-key", seen)
