@@ -36,6 +36,7 @@ MIN_BODY_RATE = 64 * 1024
 _IDLE = "idle"
 _RECEIVING = "receiving"
 _HANDLING = "handling"
+_CLOSING = "closing"
 
 
 def _targetOf(line: bytes) -> bytes:
@@ -69,6 +70,8 @@ def guardedChannel(clock: IReactorTime, clientTimeout: float, maxHeaderBytes: in
             self._waitIdle()
 
         def dataReceived(self, data: bytes) -> None:
+            if self._state == _CLOSING:
+                return
             if self._state == _IDLE and data:
                 self._state = _RECEIVING
                 self._started = clock.seconds()
@@ -90,7 +93,8 @@ def guardedChannel(clock: IReactorTime, clientTimeout: float, maxHeaderBytes: in
         def allContentReceived(self) -> None:
             # The request is complete: from here on it is the route's (and the relay's
             # idle timeout's) business.
-            self._state = _HANDLING
+            if self._state != _CLOSING:
+                self._state = _HANDLING
             self._cancelGuard()
             super().allContentReceived()
 
@@ -100,10 +104,23 @@ def guardedChannel(clock: IReactorTime, clientTimeout: float, maxHeaderBytes: in
             super().requestDone(request)
 
         def connectionLost(self, reason: Any) -> None:
+            self._state = _CLOSING
             self._cancelGuard()
             super().connectionLost(reason)
 
+        def loseConnection(self) -> None:
+            # Once closing, nothing more is timed, and a second close (the front refused
+            # the request and then a timer fired before the transport went) is a no-op
+            # rather than HTTPChannel's RuntimeError.
+            self._cancelGuard()
+            if self._state == _CLOSING:
+                return
+            self._state = _CLOSING
+            super().loseConnection()
+
         def _waitIdle(self) -> None:
+            if self._state == _CLOSING:
+                return
             self._state = _IDLE
             self._arm(clientTimeout)
 
@@ -156,7 +173,6 @@ def guardedChannel(clock: IReactorTime, clientTimeout: float, maxHeaderBytes: in
             # Like twisted.web's own _respondToBadRequestAndDisconnect: the request object
             # is not set up yet, so answer on the transport and hang up instead of reading
             # the rest.
-            self._state = _HANDLING
             self._cancelGuard()
             self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore
             self.transport.write(errorResponse(error, familyFor(path.split(b"?", 1)[0])))

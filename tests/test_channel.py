@@ -207,3 +207,15 @@ class ChannelTests(SynchronousTestCase):
         for value in values:
             self.assertNotIn(b"\r", value)
             self.assertNotIn(b"\n", value)
+
+    def test_closedBeforeTimeout(self) -> None:
+        """
+        A connection already being closed (the front refused its request) is not timed
+        out again when its transport is slow to go: no second answer, no error.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /api/chat HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        channel.loseConnection()
+        channel.loseConnection()
+        self.clock.advance(60)
+        self.assertEqual(transport.value(), b"")
