@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None, stdin: Any = None, stdout: Any = None) -
         minted = mintKey()
         stdout.write(
             f"key:    {minted.key}\n"
-            f"sha256: {minted.digest}\n"
+            f"digest: {minted.digest}\n"
             "\n"
             "Give the key to the user (it is shown only now) and put its digest in the\n"
             "config file:\n"

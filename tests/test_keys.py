@@ -63,7 +63,7 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(main(["new", "--user", "alice"], stdout=out), 0)
         text = out.getvalue()
         key = re.search(r"^key:\s+(\S+)$", text, re.M).group(1)
-        digest = re.search(r"^sha256:\s+(\S+)$", text, re.M).group(1)
+        digest = re.search(r"^digest:\s+(sha256:\S+)$", text, re.M).group(1)
         self.assertRegex(key, KEY_FORM)
         self.assertIn(f'[users.alice]\nkeys = ["{digest}"]', text)
         identity = IdentityResolver(Config(users={"alice": UserConfig(keys=(digest,))}))
