@@ -86,6 +86,11 @@ class ProxyAPI:
     catalog: ModelCatalog
     aggregator: Aggregator
     keys: Any = None
+    # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
+    # /proxy/status with the runtime details and the admin routes.
+    control: Any = None
+    # The admin HTTP API (ollamamq.control.http.AdminAPI), mounted at /proxy/.
+    admin: Any = None
 
     app = Klein()
 
@@ -186,6 +191,8 @@ class ProxyAPI:
                 "active": self.scheduler.active,
                 "detail": False,
             })
+        if self.control is not None:
+            return _jsonResponse(request, self.control.status())
         payload = {
             "backends": [b.describe() for b in self.pool.backends],
             "users": self.scheduler.snapshot(),
@@ -244,6 +251,17 @@ class ProxyAPI:
         except UnknownKey:
             raise NotFound(f"user {user!r} has no key {prefix!r}", code="unknown_key") from None
         return _jsonResponse(request, {"user": user, "prefix": prefix, "revoked": True})
+
+    @app.route("/proxy/", branch=True)
+    def proxyAdmin(self, request: IRequest) -> Any:
+        """
+        The admin API (L{ollamamq.control.http}) below C{/proxy/}; routes of this table
+        with a fixed path (C{/proxy/status}) go first.
+        """
+        if self.admin is None:
+            raise NotFound(f"no route for {request.path.decode('latin-1')}",
+                           code="unknown_route")
+        return self.admin.resource()
 
     # --- aggregated over backends, never queued ---
 

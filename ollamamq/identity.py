@@ -172,6 +172,8 @@ class IdentityResolver:
         for userID, userConfig in config.users.items():
             for key in userConfig.keys:
                 self.addKey(userID, _digestBytes(key))
+        # The config's own digests, told apart from runtime ones on a reload.
+        self._configured = frozenset(self._keys)
         self._adminDigest = _digestOf(config.adminKey) if config.adminKey else None
         self._required = config.auth == "required"
         self._trustHeader = config.trustUserHeader
@@ -217,6 +219,18 @@ class IdentityResolver:
         Whether C{user} has keys (then only a key proves to be them).
         """
         return user in self._keyCounts
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Take a reloaded config's keys, trust settings and admin key. Keys minted at runtime
+        (added with L{addKey} after construction) are kept: they live in the state file,
+        not in the config.
+        """
+        runtime = {d: u for d, u in self._keys.items() if d not in self._configured}
+        IdentityResolver.__init__(self, config)
+        for digest, user in runtime.items():
+            self.addKey(user, digest)
+
 
     def identify(self, headers: Headers, peerHost: str) -> Identity:
         """
