@@ -277,13 +277,18 @@ class IdentityResolver:
         """
         if self._adminDigest is None:
             return False
-        values = [v.decode("latin-1") for v in headers.getRawHeaders(b"x-admin-key", [])]
-        values += [v.decode("latin-1") for v in headers.getRawHeaders(b"authorization", [])]
-        return any(
-            hmac.compare_digest(_digestOf(credential), self._adminDigest)
-            for value in values
-            for credential in credentialsIn(value)
-        )
+        given = [v.decode("latin-1").strip()
+                 for v in headers.getRawHeaders(b"x-admin-key", [])]
+        for value in headers.getRawHeaders(b"authorization", []):
+            # Only as a bearer token: a bare Authorization value is a user key's form.
+            bearer = _bearer(value.decode("latin-1"))
+            if bearer is not None:
+                given.append(bearer)
+        # Every candidate compared, in constant time each: no early exit on a match.
+        found = False
+        for credential in given:
+            found |= hmac.compare_digest(_digestOf(credential), self._adminDigest)
+        return found
 
     def clientAddress(self, headers: Headers, peerHost: str) -> str:
         """

@@ -431,6 +431,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         actions=actions,
         hub=hub,
         identify=lambda headers, peer: api.identity.identify(headers, peer).user,
+        isAdmin=lambda headers: api.identity.isAdmin(headers),
     )
     _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
     controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)

@@ -443,17 +443,17 @@ class AdminTests(SynchronousTestCase):
 
     def test_admin(self) -> None:
         """
-        The admin key as C{Authorization: Bearer}, a bare C{Authorization} or
-        C{X-Admin-Key}, in any of several values, is the admin; a user key, a wrong key
-        or nothing is not.
+        The admin key as C{Authorization: Bearer} or C{X-Admin-Key}, in any of several
+        values, is the admin; a user key, a wrong key, a bare C{Authorization} value or
+        nothing is not.
         """
         r = resolver()
         for h in [headers(authorization="Bearer admin-secret"),
-                  headers(authorization="admin-secret"),
                   headers(x_admin_key=" admin-secret "),
                   headers(x_admin_key=["nope", "admin-secret"])]:
             self.assertTrue(r.isAdmin(h), h)
         for h in [Headers(), headers(authorization="Bearer sk-alice"),
+                  headers(authorization="admin-secret"),
                   headers(x_admin_key="admin-secret2"), headers(authorization="Basic admin-secret")]:
             self.assertFalse(r.isAdmin(h), h)
 
