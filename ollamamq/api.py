@@ -38,8 +38,8 @@ from ollamamq.errors import (
 )
 from ollamamq.forward import Forwarder, Outgoing
 from ollamamq.front import KNOWN_METHODS, FrontResource, FrontRules, dialectsFor, familyFor
-from ollamamq.identity import IP_PREFIX, MAX_USER_ID, IdentityResolver
-from ollamamq.keys import UnknownKey
+from ollamamq.identity import IdentityResolver
+from ollamamq.keys import UnknownKey, canHoldKeys
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, requestHeadersForBackend
 from ollamamq.scheduler import Job, Scheduler
@@ -210,9 +210,7 @@ class ProxyAPI:
         be a user id a key can name.
         """
         self._checkAdmin(request)
-        if not user.strip() or len(user) > MAX_USER_ID or any(
-            ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in user
-        ) or user.lower().startswith(IP_PREFIX):
+        if not canHoldKeys(user):
             raise BadRequest(f"not a user id a key can name: {user!r}", code="invalid_user")
         if self.keys is None:
             raise Unavailable("no state store to keep minted keys in", code="no_store")

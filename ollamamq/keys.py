@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 
-from ollamamq.identity import IdentityResolver
+from ollamamq.identity import IP_PREFIX, MAX_USER_ID, IdentityResolver
 from ollamamq.store import Store, StoreError, migrate
 
 KEY_PREFIX = "omq-"
@@ -57,6 +57,17 @@ class KeyInfo:
     user: str
     prefix: str
     created: float
+
+
+def canHoldKeys(user: str) -> bool:
+    """
+    Whether C{user} is an id a key can name: not empty, at most L{MAX_USER_ID}
+    characters, no control characters, not an address (C{ip:...}): keys name users, not
+    hosts.
+    """
+    return bool(user.strip()) and len(user) <= MAX_USER_ID and not any(
+        ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in user
+    ) and not user.lower().startswith(IP_PREFIX)
 
 
 def mintKey() -> MintedKey:

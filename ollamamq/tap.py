@@ -434,7 +434,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         isAdmin=lambda headers: api.identity.isAdmin(headers),
     )
     _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
-    controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
+    controlService(reactor, config.control, ControlFactory(actions, hub, api.keys)).setServiceParent(top)
 
     _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)

@@ -278,3 +278,65 @@ class RouteTests(SynchronousTestCase):
         response, _ = self.proxy.complete("POST", "/proxy/users/dave/keys", headers=self.admin)
         self.assertEqual(response.code, 503)
 
+
+
+class AMPTests(SynchronousTestCase):
+    """
+    L{commands.MintKey}, L{commands.ListKeys} and L{commands.RevokeKey} over the control
+    socket: the same as the HTTP routes.
+    """
+
+    def setUp(self) -> None:
+        from twisted.test.iosim import connectedServerAndClient
+
+        from ollamamq.control.server import ControlFactory
+        from tests.controlfixture import ControlFixture
+        from tests.test_control_server import Client
+
+        fixture = ControlFixture()
+        self.identity = IdentityResolver(Config(auth="required"))
+        self.store = _ImmediateStore()
+        factory = ControlFactory(fixture.actions, fixture.hub,
+                                 MintedKeys(self.store, self.identity, Clock()))
+        self.client, self.server, self.pump = connectedServerAndClient(
+            lambda: factory.buildProtocol(None), Client)
+
+    def call(self, command: Any, **kw: Any) -> Any:
+        """
+        Call C{command}; its answer, or the Failure it ended with.
+        """
+        results: list = []
+        self.client.callRemote(command, **kw).addBoth(results.append)
+        self.pump.flush()
+        return results[0]
+
+    def test_mintListRevoke(self) -> None:
+        """
+        A key minted over AMP works at once and is stored hashed; the listing shows its
+        prefix; revoked, it is refused at once; revoking again is C{UNKNOWN_KEY}.
+        """
+        from ollamamq.control import amp as commands
+        from ollamamq.errors import Unauthorized
+
+        minted = self.call(commands.MintKey, user="erin")
+        self.assertRegex(minted["key"], KEY_FORM)
+        self.assertEqual(self.identity.authenticate(bearer(minted["key"]), "h").user, "erin")
+        self.assertEqual(
+            self.store.connection.execute("SELECT digest FROM api_keys").fetchall(),
+            [(hashlib.sha256(minted["key"].encode()).hexdigest(),)])
+        listed = self.call(commands.ListKeys, user="erin")
+        self.assertEqual([k["prefix"] for k in listed["keys"]], [minted["prefix"]])
+        self.assertEqual(self.call(commands.RevokeKey, user="erin", prefix=minted["prefix"]),
+                         {"user": "erin", "prefix": minted["prefix"]})
+        self.assertRaises(Unauthorized, self.identity.authenticate, bearer(minted["key"]), "h")
+        again = self.call(commands.RevokeKey, user="erin", prefix=minted["prefix"])
+        again.trap(commands.UnknownKey)
+
+    def test_badUser(self) -> None:
+        """
+        An address-style user id is C{INVALID_VALUE}; nothing is minted.
+        """
+        from ollamamq.control import amp as commands
+
+        self.call(commands.MintKey, user="ip:10.0.0.1").trap(commands.InvalidValue)
+        self.assertEqual(self.store.connection.execute("SELECT * FROM api_keys").fetchall(), [])
