@@ -29,7 +29,6 @@ from ollamamq.config import Config
 from ollamamq.errors import (
     BadRequest,
     BodyTooLarge,
-    MethodNotAllowed,
     NotFound,
     ProxyError,
     Unauthorized,
@@ -37,7 +36,14 @@ from ollamamq.errors import (
     writeError,
 )
 from ollamamq.forward import Forwarder, Outgoing
-from ollamamq.front import KNOWN_METHODS, FrontResource, FrontRules, dialectsFor, familyFor
+from ollamamq.front import (
+    KNOWN_METHODS,
+    FrontResource,
+    FrontRules,
+    dialectsFor,
+    familyFor,
+    wrongMethod,
+)
 from ollamamq.identity import IdentityResolver
 from ollamamq.keys import UnknownKey, canHoldKeys
 from ollamamq.models import ModelCatalog, Resolution
@@ -128,10 +134,7 @@ class ProxyAPI:
         valid = getattr(error, "valid_methods", None)
         if error.code == 405 and valid:
             allowed = [m for m in KNOWN_METHODS if m in valid]
-            path = request.path.decode("latin-1")
-            return self._answer(request, MethodNotAllowed(
-                f"{request.method.decode('latin-1')} is not allowed on {path}; use "
-                + " or ".join(allowed), allowed))
+            return self._answer(request, wrongMethod(request.method, request.path, allowed))
         return self._answer(request, NotFound(
             f"no route for {request.method.decode('latin-1')} "
             f"{request.path.decode('latin-1')}", code="unknown_route"))
@@ -324,9 +327,7 @@ class ProxyAPI:
         if not self.config.allowAllRoutes:
             allowed = self._allowedMethods(request.path)
             if allowed:
-                raise MethodNotAllowed(
-                    f"{request.method.decode('latin-1')} is not allowed on /{rest}; use "
-                    + " or ".join(allowed), allowed)
+                raise wrongMethod(request.method, request.path, allowed)
             raise NotFound(f"no route for {request.method.decode('latin-1')} /{rest}",
                            code="unknown_route")
         job, outgoing = self._prepare(request, self._readBody(request), requireModel=False)

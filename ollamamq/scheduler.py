@@ -610,14 +610,14 @@ class Scheduler:
             id=job.requestId or f"q{seq}",
         )
         self._admit(ticket)
+        if reach == _SOON:
+            # It waits for a backend to come back: its grace must end in time.
+            self._armGrace(ticket.queuedSince)
         self._emit(
             "request.queued",
             {"id": ticket.id, "user": job.user, "model": job.model, "peer": job.peer,
              "queued": user.queued},
         )
-        if reach == _SOON:
-            # It waits for a backend to come back: its grace must end in time.
-            self._armGrace(ticket.queuedSince)
         self._run()
         assert ticket.deferred is not None
         return ticket.deferred

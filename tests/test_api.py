@@ -944,6 +944,7 @@ class MethodTests(SynchronousTestCase):
         self.assertEqual(error["type"], "not_found_error")
         self.assertIn("Anthropic Messages API", error["message"])
 
+
 class ControlMountTests(SynchronousTestCase):
     """
     The control plane wired into the route table: C{/proxy/status} from the actions, the

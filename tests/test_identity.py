@@ -462,3 +462,38 @@ class AdminTests(SynchronousTestCase):
         Without an admin key configured nobody is the admin.
         """
         self.assertFalse(IdentityResolver(Config()).isAdmin(headers(x_admin_key="")))
+
+
+class ReconfigureTests(SynchronousTestCase):
+    """
+    L{IdentityResolver.reconfigure}: a reloaded config's keys and trust settings.
+    """
+
+    def test_newKeys(self) -> None:
+        """
+        After a reload, new keys identify their users and removed keys no longer do.
+        """
+        resolver = IdentityResolver(Config(users={"alice": UserConfig(keys=("sk-old",))}))
+        resolver.reconfigure(Config(users={"carol": UserConfig(keys=("sk-new",))}))
+        self.assertEqual(
+            resolver.identify(headers(authorization="Bearer sk-new"), "10.0.0.1"),
+            Identity("carol", KEY, True),
+        )
+        self.assertNotEqual(
+            resolver.identify(headers(authorization="Bearer sk-old"), "10.0.0.1").user,
+            "alice",
+        )
+
+    def test_runtimeKeysKept(self) -> None:
+        """
+        Keys minted at runtime survive a reload (they live in the state file, not the
+        config); a config key dropped by the reload stops working.
+        """
+        resolver = IdentityResolver(Config(users={"alice": UserConfig(keys=("sk-old",))}))
+        minted = hashlib.sha256(b"omq-minted").digest()
+        resolver.addKey("dave", minted)
+        resolver.reconfigure(Config(auth="required"))
+        self.assertEqual(resolver.authenticate(headers(x_api_key="omq-minted"), "10.0.0.1"),
+                         Identity("dave", KEY, True))
+        self.assertRaises(Unauthorized, resolver.authenticate,
+                          headers(x_api_key="sk-old"), "10.0.0.1")
