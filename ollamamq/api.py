@@ -7,6 +7,7 @@ to the scheduler and then the relay, aggregated ones to the aggregator.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from io import BytesIO
 from collections.abc import Callable
@@ -29,9 +30,9 @@ from ollamamq.config import Config
 from ollamamq.errors import (
     BadRequest,
     BodyTooLarge,
-    Forbidden,
     NotFound,
     ProxyError,
+    Unauthorized,
     Unavailable,
     writeError,
 )
@@ -45,6 +46,7 @@ from ollamamq.front import (
     wrongMethod,
 )
 from ollamamq.identity import IdentityResolver
+from ollamamq.keys import UnknownKey, canHoldKeys
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, requestHeadersForBackend
 from ollamamq.metrics import Metrics, renderMetrics
@@ -129,6 +131,9 @@ def usageFilters(args: dict[bytes, list[bytes]]) -> dict[str, Any]:
 class ProxyAPI:
     """
     The Klein application of the proxy; all collaborators are injected.
+
+    @ivar keys: the runtime-minted keys (L{ollamamq.keys.MintedKeys}), or L{None} when
+        there is no state store to keep them in.
     """
 
     config: Config
@@ -142,6 +147,7 @@ class ProxyAPI:
     # The store's runInteraction (the request log's database), for GET /proxy/usage.
     runQuery: Callable[..., Any] | None = None
     requestLog: RequestLog | None = None
+    keys: Any = None
     # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
     # /proxy/status with the runtime details and the admin routes.
     control: Any = None
@@ -228,8 +234,22 @@ class ProxyAPI:
     @app.route("/proxy/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
         """
-        Backends, users and queues, as documented in DESIGN.md section 4.
+        Backends, users and queues, as documented in DESIGN.md section 4. Without the
+        admin key (see L{_isAdmin}), only totals and backend states: no user names, client
+        addresses or backend URLs.
         """
+        if not self._isAdmin(request):
+            return _jsonResponse(request, {
+                "backends": [
+                    {field: entry[field] for field in
+                     ("name", "online", "state", "kind", "slots", "active", "draining")
+                     if field in entry}
+                    for entry in (b.describe() for b in self.pool.backends)
+                ],
+                "queued": self.scheduler.queued,
+                "active": self.scheduler.active,
+                "detail": False,
+            })
         if self.control is not None:
             payload = self.control.status()
         else:
@@ -294,6 +314,54 @@ class ProxyAPI:
         rows = await self.runQuery(usageTotals, **filters)
         return _jsonResponse(request, {"group": filters["group"], "since": filters["since"],
                                        "until": filters["until"], "totals": rows})
+
+    # --- runtime-minted API keys (admin) ---
+
+    def _keysFor(self, request: IRequest, user: str) -> Any:
+        """
+        The minted-keys manager, once the caller is known to be the admin and C{user} to
+        be a user id a key can name.
+        """
+        self._checkAdmin(request)
+        if not canHoldKeys(user):
+            raise BadRequest(f"not a user id a key can name: {user!r}", code="invalid_user")
+        if self.keys is None:
+            raise Unavailable("no state store to keep minted keys in", code="no_store")
+        return self.keys
+
+    @app.route("/proxy/users/<user>/keys", methods=["POST"])
+    async def mintKey(self, request: IRequest, user: str) -> bytes:
+        """
+        Mint a key for C{user}: answered once, stored only as its digest, accepted at
+        once.
+        """
+        minted = await self._keysFor(request, user).mint(user)
+        # The one answer that carries a key: no cache may keep it.
+        request.setHeader(b"cache-control", b"no-store")
+        return _jsonResponse(
+            request, {"user": user, "prefix": minted.prefix, "key": minted.key}, 201
+        )
+
+    @app.route("/proxy/users/<user>/keys", methods=["GET"])
+    async def listKeys(self, request: IRequest, user: str) -> bytes:
+        """
+        C{user}'s minted keys: prefixes and creation times, never the keys.
+        """
+        found = await self._keysFor(request, user).list(user)
+        return _jsonResponse(request, {"user": user, "keys": [
+            {"prefix": k.prefix, "created": k.created} for k in found
+        ]})
+
+    @app.route("/proxy/users/<user>/keys/<prefix>", methods=["DELETE"])
+    async def revokeKey(self, request: IRequest, user: str, prefix: str) -> bytes:
+        """
+        Revoke C{user}'s key named C{prefix}: refused from the moment this answers.
+        """
+        try:
+            await self._keysFor(request, user).revoke(user, prefix)
+        except UnknownKey:
+            raise NotFound(f"user {user!r} has no key {prefix!r}", code="unknown_key") from None
+        return _jsonResponse(request, {"user": user, "prefix": prefix, "revoked": True})
 
     @app.route("/proxy/", branch=True)
     def proxyAdmin(self, request: IRequest) -> Any:
@@ -570,26 +638,46 @@ class ProxyAPI:
 
     def _adminError(self, headers: Headers) -> ProxyError | None:
         """
-        The error for a request without the admin key, or L{None} when it has it (or when
-        no admin key is configured).
+        The 401 for a request without the admin key, or L{None} when it has it (or when
+        no admin key is configured: then L{_checkAdmin} asks for a local peer).
         """
-        key = self.config.adminKey
-        if key is None:
+        if self.config.adminKey is None or self.identity.isAdmin(headers):
             return None
-        given = [v.decode("latin-1").strip()
-                 for v in headers.getRawHeaders(b"x-admin-key", [])]
-        for auth in headers.getRawHeaders(b"authorization", []):
-            scheme, _, credential = auth.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                given.append(credential.strip())
-        if key not in given:
-            return Forbidden("this route needs the admin key", code="admin_only")
-        return None
+        return Unauthorized(
+            "this route needs the admin key (Authorization: Bearer or X-Admin-Key)",
+            code="admin_only",
+        )
+
+    def _isAdmin(self, request: IRequest) -> bool:
+        """
+        Whether C{request} comes from the admin: it carries the admin key, or no admin key
+        is configured and it comes straight from this host (a loopback peer, not relaying
+        for anyone: no C{X-Forwarded-For} or C{Forwarded}).
+        """
+        headers = request.requestHeaders
+        if self.config.adminKey is not None:
+            return self.identity.isAdmin(headers)
+        if headers.hasHeader(b"x-forwarded-for") or headers.hasHeader(b"forwarded"):
+            return False
+        peer = _peerHost(request)
+        try:
+            return ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            # No IP peer: a UNIX socket, which is on this host too.
+            return peer == "local" or peer.startswith("/")
 
     def _checkAdmin(self, request: IRequest) -> None:
+        """
+        Refuse a request that is not the admin's with 401 (see L{_isAdmin}).
+        """
         error = self._adminError(request.requestHeaders)
         if error is not None:
             raise error
+        if not self._isAdmin(request):
+            raise Unauthorized(
+                "this route is for the admin: set admin_key, or ask from this host",
+                code="admin_only",
+            )
 
     async def _fanOut(self, request: IRequest, targets: list[Backend], data: bytes,
                       blob: bool) -> bytes:

@@ -84,6 +84,8 @@ class Backend:
         it cannot overwrite it.
     @ivar busyUntil: clock time until which it said it is busy, or L{None}.
     @ivar firstByteTimeouts: requests in a row that reached the first-byte timeout.
+    @ivar apiKey: the backend's own key (C{[[backends]] api_key}), sent to it alone as
+        C{Authorization: Bearer}; never shown in status.
     """
 
     name: str
@@ -104,6 +106,7 @@ class Backend:
     failedAt: float | None = None
     busyUntil: float | None = None
     firstByteTimeouts: int = 0
+    apiKey: str | None = attrs.field(default=None, repr=False)
 
     @property
     def online(self) -> bool:
@@ -146,6 +149,15 @@ class Backend:
         return not self.dialects.isdisjoint(dialects) and (
             model is None or model in self.models
         )
+
+    def authHeaders(self) -> dict[bytes, list[bytes]]:
+        """
+        The headers that authenticate the proxy to this backend: C{Authorization: Bearer}
+        with its own key, or none.
+        """
+        if self.apiKey is None:
+            return {}
+        return {b"authorization": [b"Bearer " + self.apiKey.encode("utf-8")]}
 
     def modelName(self, model: str) -> str:
         """

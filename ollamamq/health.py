@@ -113,6 +113,7 @@ def getJSON(
     path: str,
     timeout: float,
     onResponse: Callable[[], None] | None = None,
+    headers: dict[bytes, list[bytes]] | None = None,
 ) -> Deferred[Any]:
     """
     C{GET base + path} and decode the JSON answer, all within C{timeout} seconds.
@@ -120,6 +121,7 @@ def getJSON(
     @param http: treq or a treq-like object (L{treq.testing.StubTreq}).
     @param clock: measures the deadline, so tests can use L{task.Clock}.
     @param onResponse: called when the response headers arrive (for latency).
+    @param headers: request headers (the backend's own credentials).
     @return: fires with the decoded JSON of a 2xx answer; errbacks with L{FetchError}
         (C{"GET /api/tags: 500"}, C{"GET /api/tags: not JSON"}, C{"GET /api/tags timed
         out after 5s"}, C{"connection refused"}, ...), or L{CancelledError} when the
@@ -158,7 +160,7 @@ def getJSON(
             raise FetchError(f"GET {path} timed out after {_seconds(seconds)}", connection=True)
         return result
 
-    d = http.get(url, unbuffered=True)
+    d = http.get(url, headers=headers or None, unbuffered=True)
     d.addCallback(gotResponse)
     d.addCallback(decode)
     d.addErrback(failed)
@@ -385,7 +387,8 @@ class HealthChecker:
 
         try:
             tags = await getJSON(
-                self.http, self.clock, backend.url, "/api/tags", self.probeTimeout, stamp
+                self.http, self.clock, backend.url, "/api/tags", self.probeTimeout, stamp,
+                headers=backend.authHeaders(),
             )
         except FetchError as e:
             if e.connection:
@@ -401,7 +404,8 @@ class HealthChecker:
 
         try:
             listing = await getJSON(
-                self.http, self.clock, backend.url, "/v1/models", self.probeTimeout
+                self.http, self.clock, backend.url, "/v1/models", self.probeTimeout,
+                headers=backend.authHeaders(),
             )
         except FetchError as e:
             return Finding(None, reason=f"{tagsProblem}; {e.message}")
@@ -431,8 +435,11 @@ class HealthChecker:
         The loaded models and version of an Ollama backend, asked concurrently. Either
         may fail (old versions lack C{/api/ps}) without making the backend offline.
         """
-        ps = getJSON(self.http, self.clock, backend.url, "/api/ps", self.probeTimeout)
-        version = getJSON(self.http, self.clock, backend.url, "/api/version", self.probeTimeout)
+        auth = backend.authHeaders()
+        ps = getJSON(self.http, self.clock, backend.url, "/api/ps", self.probeTimeout,
+                     headers=auth)
+        version = getJSON(self.http, self.clock, backend.url, "/api/version", self.probeTimeout,
+                          headers=auth)
         results = await DeferredList([ps, version], consumeErrors=True)
         (psOK, psAnswer), (versionOK, versionAnswer) = results
         for ok, answer in results:

@@ -269,12 +269,21 @@ class Relay:
         Send a request to C{backend} and wait for its response headers.
 
         @param target: the path and query, origin form (checked by L{ollamamq.front}).
+        @param headers: the client's headers, less the proxy's own credentials. A backend
+            with its own C{apiKey} gets that as C{Authorization: Bearer} instead of any
+            credential the client sent.
         @param fresh: open a new connection instead of reusing a pooled one.
         @raise BackendUnreachable: the connection failed before a response started.
         @raise GatewayTimeout: no response headers within the first-byte timeout.
         @raise CancelledError: the caller cancelled (the client went away).
         """
         url = targetURL(backend.url, target)
+        auth = backend.authHeaders()
+        if auth:
+            headers = headers.copy()
+            headers.removeHeader(b"x-api-key")
+            for name, values in auth.items():
+                headers.setRawHeaders(name, values)
         agent = self.freshAgent if fresh else self.agent
         d = agent.request(method, url, headers, self._producer(body))
         timedOut = []

@@ -122,6 +122,18 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX request_log_time ON request_log (time)",
     ),
+    # Version 4: API keys minted at runtime, as SHA-256 digests only (ollamamq.keys).
+    (
+        """
+        CREATE TABLE api_keys (
+            prefix TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX api_keys_user ON api_keys (user)",
+    ),
 ]
 """
 Step C{i} (0-based) brings a file from version C{i} to version C{i + 1}.

@@ -23,9 +23,11 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 from zope.interface import implementer
 
+from ollamamq.access import AccessGate
 from ollamamq.aggregate import Aggregator
 from ollamamq.api import ProxyAPI
 from ollamamq.backends import Backend, BackendPool
+from ollamamq.channel import guardedChannel
 from ollamamq.config import (
     Config,
     ConfigError,
@@ -42,6 +44,8 @@ from ollamamq.control.server import ControlFactory, controlService
 from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
+from ollamamq.keys import MintedKeys, loadKeys
+from ollamamq.limits import RateLimiter
 from ollamamq.models import ModelCatalog
 from ollamamq.metrics import Metrics
 from ollamamq.relay import Relay
@@ -234,7 +238,9 @@ class _AnnouncedEndpoint:
             address = port.getHost()
             host, number = getattr(address, "host", None), getattr(address, "port", None)
             if number is not None:
-                log.info("ollamamq listening on http://{host}:{port}/", host=host, port=number)
+                scheme = "https" if self._description.startswith("ssl:") else "http"
+                log.info("ollamamq listening on {scheme}://{host}:{port}/", scheme=scheme,
+                         host=host, port=number)
             else:
                 log.info("ollamamq listening on {description}", description=self._description)
             return port
@@ -382,7 +388,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     freshAgent = Agent(reactor, pool=_QuietConnectionPool(reactor, persistent=False))
     http = HTTPClient(agent)
 
-    pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
+    pool = BackendPool(
+        Backend(name=b.name, url=b.url, slots=b.slots, apiKey=b.apiKey) for b in config.backends
+    )
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
     metrics = Metrics(scheduler, pool, topUsers=config.metricsTopUsers)
@@ -403,18 +411,25 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         downAfter=config.downAfter,
         observer=Observer(reactor, metrics, requestLog),
     )
+    identity = IdentityResolver(config)
+    try:
+        # Before anything serves: a minted key works from the first request on.
+        loadKeys(config.state, identity)
+    except StoreError as e:
+        raise SystemExit(f"ollamamq: {e}") from None
     api = ProxyAPI(
         config=config,
         pool=pool,
         scheduler=scheduler,
         forwarder=forwarder,
-        identity=IdentityResolver(config),
+        identity=identity,
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
         metrics=metrics,
         runQuery=store.runInteraction,
         requestLog=requestLog,
+        keys=MintedKeys(store, identity, reactor),
     )
 
     def reconfigure(new: Config) -> None:
@@ -451,9 +466,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         actions=actions,
         hub=hub,
         identify=lambda headers, peer: api.identity.identify(headers, peer).user,
+        isAdmin=lambda headers: api.identity.isAdmin(headers),
     )
     _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
-    controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
+    controlService(reactor, config.control, ControlFactory(actions, hub, api.keys)).setServiceParent(top)
 
     _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
     # Stopped before the store: the request log writes its last batch while stopping.
@@ -468,8 +484,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = _Site(api.resource(), reactor=reactor)
+    site = _Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config)),
+                 reactor=reactor)
     site.requestFactory = api.frontRules().requestFactory()
+    site.protocol = guardedChannel(reactor, config.clientTimeout, config.maxHeaderBytes)
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
         listener = StreamServerEndpointService(endpoint, site)
