@@ -37,8 +37,9 @@ from ollamamq.front import familyFor
 from ollamamq.identity import IdentityResolver
 from ollamamq.limits import RateLimiter
 
-# Routes anyone may ask, authenticated or not, without using up their rate.
-PUBLIC = frozenset({b"/", b"/health", b"/proxy/status"})
+# Routes anyone may ask, authenticated or not, without using up their rate. The status
+# page is static and reads only the (redacted without the admin key) /proxy/status.
+PUBLIC = frozenset({b"/", b"/health", b"/proxy/status", b"/proxy/ui"})
 
 # Headers that carry identity or credentials: exactly one of each, or none.
 SINGLE = (b"authorization", b"x-api-key", b"x-admin-key", b"x-user-id")
@@ -64,16 +65,20 @@ class AccessGate(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: Any, identity: IdentityResolver, limiter: RateLimiter) -> None:
+    def __init__(self, inner: Any, identity: IdentityResolver, limiter: RateLimiter,
+                 public: frozenset[bytes] = PUBLIC) -> None:
         """
         @param inner: the resource serving requests that pass.
         @param identity: who is asking, and whether that is proven.
         @param limiter: the per-user request-rate buckets.
+        @param public: the paths anyone may ask (L{PUBLIC}, plus C{/metrics} when metrics
+            are public).
         """
         super().__init__()
         self._inner = inner
         self._identity = identity
         self._limiter = limiter
+        self._public = public
 
     def render(self, request: IRequest) -> Any:
         """
@@ -97,7 +102,7 @@ class AccessGate(Resource):
                     code="repeated_header",
                 )
         self._checkQuery(request)
-        public = request.path in PUBLIC
+        public = request.path in self._public
         if public or self._identity.isAdmin(headers):
             return
         who = self._identity.authenticate(headers, peerHost(request))

@@ -23,7 +23,7 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 from zope.interface import implementer
 
-from ollamamq.access import AccessGate
+from ollamamq.access import PUBLIC, AccessGate
 from ollamamq.aggregate import Aggregator
 from ollamamq.api import ProxyAPI
 from ollamamq.backends import Backend, BackendPool
@@ -484,7 +484,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = _Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config)),
+    # Prometheus scrapers carry no key: with metrics_public, /metrics is public.
+    public = PUBLIC | ({b"/metrics"} if config.metricsPublic else frozenset())
+    site = _Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config), public),
                  reactor=reactor)
     site.requestFactory = api.frontRules().requestFactory()
     site.protocol = guardedChannel(reactor, config.clientTimeout, config.maxHeaderBytes)

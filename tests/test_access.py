@@ -154,9 +154,24 @@ class AuthRequiredTests(SynchronousTestCase):
         response, _ = self.proxy.complete("GET", "/api/tags",
                                           headers={"Authorization": "Bearer sk-alice"})
         self.assertEqual(response.code, 200)
-        for path in ["/", "/health", "/proxy/status"]:
+        for path in ["/", "/health", "/proxy/status", "/proxy/ui"]:
             response, _ = self.proxy.complete("GET", path)
             self.assertEqual(response.code, 200, path)
+
+    def test_publicMetrics(self) -> None:
+        """
+        C{/metrics} is public only when the daemon's metrics are (the public set is the
+        gate's own, as tap.py builds it from C{metrics_public}).
+        """
+        from ollamamq.access import PUBLIC
+
+        response, _ = self.proxy.complete("GET", "/metrics")
+        self.assertEqual(response.code, 401)
+        self.proxy.client = StubTreq(AccessGate(
+            self.proxy.api.resource(), self.proxy.api.identity,
+            RateLimiter(self.proxy.clock, self.proxy.config), PUBLIC | {b"/metrics"}))
+        response, _ = self.proxy.complete("GET", "/metrics")
+        self.assertNotEqual(response.code, 401)
 
     def test_adminKeyPasses(self) -> None:
         """
