@@ -1,0 +1,9 @@
+"""
+C{python -m ollamamq.console}: the same as the C{ollamamq-console} script.
+"""
+
+import sys
+
+from ollamamq.console.app import main
+
+sys.exit(main())
