@@ -662,3 +662,91 @@ class OptionsTests(SynchronousTestCase):
         self.patch(app.sys, "stderr", stderr)
         self.assertEqual(app.main(["--bogus"]), 2)
         self.assertIn("ollamamq-console: option --bogus not recognized", stderr.getvalue())
+
+
+class MainLoopTests(SynchronousTestCase):
+    """
+    The whole program loop: urwid's MainLoop on TwistedEventLoop over a memory reactor,
+    keys from a ScriptedScreen, the controller talking to the fake daemon over iosim.
+    """
+
+    def startLoop(self, inputs: list[list[str]], size: tuple[int, int] = SIZE,
+                  resizeTo: tuple[int, int] | None = None) -> None:
+        """
+        Build and start the program's loop with scripted key batches; a C{"window
+        resize"} batch first changes the screen's size to C{resizeTo}, as a terminal
+        does.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+        from urwid.testing import ScriptedScreen
+
+        class ResizingScreen(ScriptedScreen):
+            def get_input(self, raw_keys: bool = False) -> Any:
+                result = super().get_input(raw_keys)
+                if resizeTo and "window resize" in (result[0] if raw_keys else result):
+                    self.size = resizeTo
+                return result
+
+        self.reactor = MemoryReactorClock()
+        self.state = initialState()
+        self.endpoint = DaemonEndpoint(self.state)
+        self.view = ConsoleView(lambda action: None, utf8=True, clock=self.reactor.seconds)
+        self.screen = ResizingScreen(size=size, inputs=inputs)
+        self.loop = app.buildLoop(self.view, self.reactor, screen=self.screen, manageReactor=False)
+        self.exits: list[bool] = []
+        self.controller = app.ConsoleController(
+            self.view, self.endpoint, self.reactor, "ctl.sock", redraw=self.loop.draw_screen,
+            exit=lambda: self.exits.append(True), jitter=lambda: 0.0)
+        self.addCleanup(self.controller.stop)
+        self.loop.start()
+        self.addCleanup(self.loop.stop)
+        self.controller.start()
+
+    def spin(self, seconds: float = 1.0) -> None:
+        """
+        Move bytes and time in small steps.
+        """
+        for _ in range(int(seconds / 0.01)):
+            self.endpoint.flush()
+            self.reactor.advance(0.01)
+
+    def test_keysReachTheDaemon(self) -> None:
+        """
+        p on the selected user, pressed in the running program, makes it VIP on the
+        daemon; the screen shows the answer.
+        """
+        self.startLoop([["down"], ["p"], ["h", "d"]])
+        self.spin(0.5)
+        # The scripted batches wait for draws; keep drawing until they are used up.
+        for _ in range(10):
+            self.loop.draw_screen()
+            self.spin(0.2)
+        self.assertEqual(self.state["users"]["bob"]["priority"], "vip")
+        self.assertTrue(self.state["backends"][0]["draining"])
+        text = "\n".join(self.screen.last_text)
+        self.assertRegex(text, r"◆● bob +vip")
+        self.assertRegex(text, r"◌ gpu1 +draining")
+
+    def test_resize(self) -> None:
+        """
+        A window resize redraws the whole screen at the new size.
+        """
+        self.startLoop([["tab"], ["window resize"]], size=(80, 24), resizeTo=(100, 30))
+        self.spin(0.5)
+        self.assertEqual(len(self.screen.canvases[0].decoded_text), 24)
+        self.assertEqual(len(self.screen.last_text), 30)
+        self.assertEqual({len(line) for line in self.screen.last_text}, {100})
+        self.assertIn("Users (2)", "\n".join(self.screen.last_text))
+
+    def test_quit(self) -> None:
+        """
+        q leaves the console and sends the daemon nothing.
+        """
+        self.startLoop([["q"]])
+        self.spin(0.5)
+        self.loop.draw_screen()
+        self.spin(0.2)
+        self.assertEqual(self.exits, [True])
+        received = [name for name, _ in self.endpoint.daemons[0].received]
+        self.assertEqual(received[:2], ["Version", "Subscribe"])
+        self.assertNotIn("SetUser", received)
