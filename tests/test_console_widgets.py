@@ -83,14 +83,6 @@ class ViewTestCase(SynchronousTestCase):
         """
         return render_text(self.view, SIZE)[-1].strip()
 
-    def selectedLine(self, panel: str) -> str:
-        """
-        The rendered text of the panel's selected row.
-        """
-        row = self.view.panels[panel].selectedRow()
-        assert row is not None
-        return render_text(urwid.Text(row.markup, wrap="clip"), (80,))[0].strip()
-
 
 class RenderTests(ViewTestCase):
     """

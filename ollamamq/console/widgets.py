@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -259,7 +260,8 @@ class Row:
     One line (or a few, when expanded) of a panel.
 
     @ivar key: what stays selected across updates (a backend name, a user id, ...).
-    @ivar markup: urwid text markup.
+    @ivar markup: urwid text markup, or a function returning it (called only when the row
+        is drawn).
     @ivar data: the entry it shows, for the actions on it.
     """
 
@@ -302,36 +304,40 @@ def backendRows(backends: Iterable[dict], expanded: set[str], utf8: bool = True)
     return rows
 
 
-def userRows(users: Iterable[dict], utf8: bool = True, now: float | None = None) -> list[Row]:
+def _userMarkup(u: dict, marks: dict[str, str], extraWait: float) -> list[Any]:
+    ident = str(u.get("id", "?"))
+    shown = userMarks(u)
+    glyphs: list[Any] = [_mark(marks, m) for m in shown]
+    pad = " " * (3 - len(shown))
+    tokens = u.get("tokens")
+    if isinstance(tokens, dict):
+        tokens = sum(v for v in tokens.values() if isinstance(v, (int, float)))
+    tokenText = formatNumber(tokens) if isinstance(tokens, (int, float)) else "-"
+    weight = u.get("weight", 1)
+    priority = str(u.get("priority", "normal"))
+    oldest = u.get("oldest_wait")
+    wait = formatDuration(oldest + extraWait) if u.get("queued") and isinstance(
+        oldest, (int, float)) else "-"
+    markup = [
+        *glyphs, pad,
+        f"{ident:<16.16} ",
+        (priority if priority in ("vip", "boost") else "idle", f"{priority:<6}"),
+        f" w{formatNumber(weight):<4} q{u.get('queued', 0):<4} run{u.get('active', 0):<3}"
+        f" served {formatNumber(u.get('served', 0)):<6} tok {tokenText:<6} wait {wait}",
+    ]
+    if u.get("blocked"):
+        markup.append(("blocked", " BLOCKED"))
+    return markup
+
+
+def userRows(users: Iterable[dict], utf8: bool = True, extraWait: float = 0.0) -> list[Row]:
     """
     Users panel rows: markers, id, priority and weight, queued, running, served, tokens
-    and the wait of the user's oldest queued request.
+    and the wait of the user's oldest queued request (plus C{extraWait}, the seconds
+    since the snapshot). The text is built only for the rows drawn.
     """
     marks = _UTF8_MARKS if utf8 else _ASCII_MARKS
-    rows = []
-    for u in users:
-        ident = str(u.get("id", "?"))
-        shown = userMarks(u)
-        glyphs: list[Any] = [_mark(marks, m) for m in shown]
-        pad = " " * (3 - len(shown))
-        tokens = u.get("tokens")
-        if isinstance(tokens, dict):
-            tokens = sum(v for v in tokens.values() if isinstance(v, (int, float)))
-        tokenText = formatNumber(tokens) if isinstance(tokens, (int, float)) else "-"
-        weight = u.get("weight", 1)
-        priority = str(u.get("priority", "normal"))
-        markup = [
-            *glyphs, pad,
-            f"{ident:<16.16} ",
-            (priority if priority in ("vip", "boost") else "idle", f"{priority:<6}"),
-            f" w{formatNumber(weight):<4} q{u.get('queued', 0):<4} run{u.get('active', 0):<3}"
-            f" served {formatNumber(u.get('served', 0)):<6} tok {tokenText:<6}"
-            f" wait {formatDuration(u.get('oldest_wait')) if u.get('queued') else '-'}",
-        ]
-        if u.get("blocked"):
-            markup.append(("blocked", " BLOCKED"))
-        rows.append(Row(ident, markup, u))
-    return rows
+    return [Row(str(u.get("id", "?")), partial(_userMarkup, u, marks, extraWait), u) for u in users]
 
 
 def queueRows(queue: Iterable[dict], extraWait: float = 0.0) -> list[Row]:
@@ -436,6 +442,52 @@ class Sparkline(urwid.Widget):
         return urwid.Text(("spark", sparkline(self.values, cols, self.utf8)), wrap="clip").render(size)
 
 
+class _RowWalker(urwid.ListWalker):
+    """
+    The rows of a L{Panel}, turned into widgets only when the ListBox asks for them (the
+    visible ones), so a panel of thousands of users costs a screenful of widgets per
+    redraw, not thousands.
+    """
+
+    def __init__(self, panel: Panel) -> None:
+        self.panel = panel
+        self.focus = 0
+        self._widgets: dict[int, urwid.Widget] = {}
+
+    def reset(self, focus: int) -> None:
+        """
+        Forget the built widgets (the rows changed) and focus C{focus}.
+        """
+        self._widgets.clear()
+        self.focus = focus
+        self._modified()
+
+    def __len__(self) -> int:
+        return max(1, len(self.panel.entries))
+
+    def __getitem__(self, position: int) -> urwid.Widget:
+        if not 0 <= position < len(self):
+            raise IndexError(position)
+        widget = self._widgets.get(position)
+        if widget is None:
+            widget = self._widgets[position] = self.panel._widgetAt(position)
+        return widget
+
+    def next_position(self, position: int) -> int:
+        if position + 1 >= len(self):
+            raise IndexError(position)
+        return position + 1
+
+    def prev_position(self, position: int) -> int:
+        if position <= 0:
+            raise IndexError(position)
+        return position - 1
+
+    def set_focus(self, position: int) -> None:
+        self.focus = position
+        self._modified()
+
+
 class Panel(urwid.WidgetWrap):
     """
     A titled list whose selection is kept by row key across updates. The view moves the
@@ -451,7 +503,7 @@ class Panel(urwid.WidgetWrap):
         self.total: int | None = None
         self._title = urwid.Text("", wrap="clip")
         self._titleMap = urwid.AttrMap(self._title, "panel")
-        self._walker = urwid.SimpleListWalker([])
+        self._walker = _RowWalker(self)
         self._list = urwid.ListBox(self._walker)
         super().__init__(urwid.Frame(self._list, header=self._titleMap))
         self._refresh()
@@ -461,12 +513,11 @@ class Panel(urwid.WidgetWrap):
         Show C{rows}, keeping the selected key when it is still there, else the same
         position (clamped).
         """
-        keys = [r.key for r in self.entries]
-        oldIndex = keys.index(self.selected) if self.selected in keys else 0
+        oldIndex = self._index()
         self.entries = rows
-        newKeys = [r.key for r in rows]
-        if self.selected not in newKeys:
-            self.selected = newKeys[min(oldIndex, len(newKeys) - 1)] if newKeys else None
+        if self._index() is None:
+            index = min(oldIndex or 0, len(rows) - 1)
+            self.selected = rows[index].key if rows else None
         self._refresh()
 
     def setActive(self, active: bool) -> None:
@@ -482,38 +533,39 @@ class Panel(urwid.WidgetWrap):
         """
         if not self.entries:
             return
-        keys = [r.key for r in self.entries]
-        index = keys.index(self.selected) if self.selected in keys else 0
-        self.selected = keys[max(0, min(len(keys) - 1, index + delta))]
+        index = self._index() or 0
+        self.selected = self.entries[max(0, min(len(self.entries) - 1, index + delta))].key
         self._refresh()
 
     def selectedRow(self) -> Row | None:
         """
         The selected row, if the panel has any.
         """
-        for row in self.entries:
+        index = self._index()
+        return None if index is None else self.entries[index]
+
+    def _index(self) -> int | None:
+        for index, row in enumerate(self.entries):
             if row.key == self.selected:
-                return row
+                return index
         return None
+
+    def _widgetAt(self, position: int) -> urwid.Widget:
+        if not self.entries:
+            return urwid.Text(("dim", "  (none)"))
+        row = self.entries[position]
+        text = urwid.Text(row.markup() if callable(row.markup) else row.markup, wrap="clip")
+        if row.key != self.selected:
+            return text
+        # Only the selected row needs an AttrMap (they are costly to build).
+        return urwid.AttrMap(text, "focus" if self.active else "selected")
 
     def _refresh(self) -> None:
         count = f"{len(self.entries)}" if self.total in (None, len(self.entries)) else (
             f"{len(self.entries)} of {self.total}")
         self._title.set_text(f" {TITLES.get(self.name, self.name)} ({count})  {self.heading}")
         self._titleMap.set_attr_map({None: "panel active" if self.active else "panel"})
-        widgets: list[urwid.Widget] = []
-        focus = 0
-        for index, row in enumerate(self.entries):
-            if row.key == self.selected:
-                focus = index
-                attr = "focus" if self.active else "selected"
-            else:
-                attr = None
-            widgets.append(urwid.AttrMap(urwid.Text(row.markup, wrap="clip"), attr))
-        if not widgets:
-            widgets.append(urwid.Text(("dim", "  (none)")))
-        self._walker[:] = widgets
-        self._list.set_focus(focus)
+        self._walker.reset(self._index() or 0)
 
 
 class ConsoleView(urwid.WidgetWrap):
@@ -638,27 +690,22 @@ class ConsoleView(urwid.WidgetWrap):
         users = [u for u in snap.get("users") or [] if self._matches(u.get("id"))]
         queue = [q for q in snap.get("queue") or [] if self._matches(q.get("user"))]
         extra = max(0.0, self._clock() - self._snapshotAt) if snap else 0.0
-        self.panels["backends"].setRows(backendRows(snap.get("backends") or [], self.expanded, self.utf8))
-        self.panels["users"].setRows(userRows(
-            [dict(u, oldest_wait=u["oldest_wait"] + extra)
-             if isinstance(u.get("oldest_wait"), (int, float)) else u for u in users],
-            self.utf8,
-        ))
-        self.panels["queue"].setRows(queueRows(queue, extra))
-        self.panels["blocked"].setRows(blockedRows(snap.get("users") or [], snap.get("blocked_ips") or [],
-                                                   self.utf8))
         self.panels["users"].heading = (
             f"[filter: {self.filter}]" if self.filter else "w weight, q queued, run running"
         )
-        self.panels["users"].setRows(self.panels["users"].entries)
+        total = snap.get("queue_total")
+        self.panels["queue"].total = total if isinstance(total, int) and not self.filter else None
+        self.panels["backends"].setRows(backendRows(snap.get("backends") or [], self.expanded, self.utf8))
+        self.panels["users"].setRows(userRows(users, self.utf8, extra))
+        self.panels["queue"].setRows(queueRows(queue, extra))
+        self.panels["blocked"].setRows(blockedRows(snap.get("users") or [], snap.get("blocked_ips") or [],
+                                                   self.utf8))
+
         self._uptime, self._uptimeLabel = None, "up"
         for field, label in (("uptime", "up"), ("attached", "attached")):
             if isinstance(snap.get(field), (int, float)):
                 self._uptime, self._uptimeLabel = snap[field] + extra, label
                 break
-        total = snap.get("queue_total")
-        self.panels["queue"].total = total if isinstance(total, int) else None
-        self.panels["queue"].setRows(self.panels["queue"].entries)
         self._renderHeader()
 
     def _matches(self, ident: Any) -> bool:
