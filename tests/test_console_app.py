@@ -13,9 +13,10 @@ import json
 from typing import Any
 
 from twisted.internet import error as netError
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.protocols import amp
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -61,6 +62,14 @@ class FakeDaemon(amp.AMP):
         self.world = state
         self.subscribed = False
         self.received: list[tuple[str, dict]] = []
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        Fire C{self.lost}.
+        """
+        super().connectionLost(reason)
+        self.lost.callback(None)
 
     def _page(self, rows: list, offset: int | None, limit: int | None) -> tuple[list, int | None]:
         offset = offset or 0
@@ -181,14 +190,16 @@ class FakeDaemon(amp.AMP):
 
 class DaemonEndpoint:
     """
-    A client endpoint that connects to a new L{FakeDaemon} over an iosim pump, or fails
-    with C{self.failure} while it is set.
+    A client endpoint that connects to a new daemon-side protocol over an iosim pump
+    (a L{FakeDaemon} on C{state}, or what C{makeServer} builds), or fails with
+    C{self.failure} while it is set.
     """
 
-    def __init__(self, state: dict) -> None:
+    def __init__(self, state: dict | None = None, makeServer: Any = None) -> None:
         self.state = state
+        self.makeServer = makeServer or (lambda: FakeDaemon(self.state))
         self.failure: Exception | None = None
-        self.daemons: list[FakeDaemon] = []
+        self.daemons: list[Any] = []
         self.pumps: list[iosim.IOPump] = []
         self.attempts = 0
 
@@ -197,7 +208,7 @@ class DaemonEndpoint:
         if self.failure is not None:
             return fail(self.failure)
         client = factory.buildProtocol(None)
-        daemon = FakeDaemon(self.state)
+        daemon = self.makeServer()
         pump = iosim.connect(daemon, iosim.makeFakeServer(daemon), client,
                              iosim.makeFakeClient(client), greet=False)
         self.daemons.append(daemon)
@@ -651,6 +662,15 @@ class OptionsTests(SynchronousTestCase):
         options = app.Options()
         options.parseOptions(["--control", "/tmp/a.sock"])
         self.assertEqual(options["control"], "/tmp/a.sock")
+
+    def test_pathTooLong(self) -> None:
+        """
+        A socket path longer than a UNIX socket address holds is refused with a reason.
+        """
+        options = app.Options()
+        error = self.assertRaises(usage.UsageError, options.parseOptions,
+                                  ["--control", "/tmp/" + "d" * 120 + "/control.sock"])
+        self.assertIn("a UNIX socket path has at most 107 bytes", str(error))
 
     def test_badOption(self) -> None:
         """

@@ -61,6 +61,10 @@ RETRY_MAX = 10.0
 
 DEFAULT_CONTROL = "ollamamq.sock"
 
+# The longest path a UNIX socket address can hold on Linux (sun_path is 108 bytes,
+# NUL-terminated); a longer one fails inside Twisted with an unhelpful error.
+MAX_SOCKET_PATH = 107
+
 
 def explainConnectFailure(failure: Failure, path: str) -> str:
     """
@@ -552,14 +556,20 @@ class Options(usage.Options):
     optParameters = [
         ["control", "c", None,
          f"The daemon's control socket [default: $OLLAMAMQ_CONTROL or {DEFAULT_CONTROL}]."],
+        ["log", None, None, "Append the console's own log (its errors) to this file "
+         "[default: no log, so nothing is written over the screen]."],
     ]
 
     def postOptions(self) -> None:
         """
-        Default the socket from the environment.
+        Default the socket from the environment; refuse a path no UNIX socket can have.
         """
         if self["control"] is None:
             self["control"] = os.environ.get("OLLAMAMQ_CONTROL") or DEFAULT_CONTROL
+        if len(os.fsencode(self["control"])) > MAX_SOCKET_PATH:
+            raise usage.UsageError(
+                f"--control {self['control']!r}: a UNIX socket path has at most "
+                f"{MAX_SOCKET_PATH} bytes; use a shorter path (or a symbolic link to its directory)")
 
 
 def _quit() -> None:
@@ -588,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ollamamq-console: {e}\n{options}", file=sys.stderr)
         return 2
     from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    # Nothing may be printed over the screen: the log goes to --log, or nowhere.
+    observers = [textFileLogObserver(open(options["log"], "a"))] if options["log"] else []
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
     path = options["control"]
     endpoint = clientFromString(reactor, "unix:path=" + quoteStringArgument(path))

@@ -100,7 +100,7 @@ def utf8Terminal() -> bool:
     Whether urwid encodes for a UTF-8 terminal (from the locale), so the glyph markers
     can be drawn.
     """
-    return urwid.util.get_encoding() == "utf8"
+    return urwid.util.get_encoding_mode() == "utf8"
 
 
 def formatDuration(seconds: float | None) -> str:
