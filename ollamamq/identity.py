@@ -129,6 +129,12 @@ class IdentityResolver:
         self._trustHeader = config.trustUserHeader
         self._proxies: tuple[IPNetwork, ...] = tuple(config.trustedProxies)
 
+    def reconfigure(self, config: Config) -> None:
+        """
+        Take a reloaded config's keys, trust settings and admin key.
+        """
+        IdentityResolver.__init__(self, config)
+
     def identify(self, headers: Headers, peerHost: str) -> Identity:
         """
         Who sent a request.
@@ -145,6 +151,14 @@ class IdentityResolver:
             if user is not None:
                 return Identity(user, HEADER)
         return Identity(IP_PREFIX + self._clientAddress(headers, peerHost), IP)
+
+    def clientAddress(self, headers: Headers, peerHost: str) -> str:
+        """
+        The address of the client behind a request: the TCP peer, or the client a trusted
+        proxy names in C{X-Forwarded-For} (rule 3 of the module docstring), whatever user
+        the request names. Per-address limits count by it.
+        """
+        return self._clientAddress(headers, peerHost)
 
     def isProxyCredential(self, value: str) -> bool:
         """

@@ -150,6 +150,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import ipaddress
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -158,9 +159,9 @@ import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from ollamamq.backends import Backend, BackendPool
-from ollamamq.config import FAIR_SHARES, PRIORITIES, Config
-from ollamamq.errors import BadGateway, TooManyRequests, Unavailable
+from ollamamq.backends import ONLINE, Backend, BackendPool
+from ollamamq.config import FAIR_SHARES, PRIORITIES, Config, IPNetwork
+from ollamamq.errors import BadGateway, Forbidden, TooManyRequests, Unavailable
 
 VIP = 0
 NORMAL = 1
@@ -215,8 +216,9 @@ class Job:
     What a request needs from a backend.
 
     @ivar user: the user id (from L{ollamamq.identity}).
-    @ivar kinds: backend kinds that can serve it: C{{"ollama"}} for C{/api/*},
-        C{{"ollama", "openai"}} for C{/v1/*}.
+    @ivar kinds: the wire dialects a backend must speak (one of them) to serve it, as
+        L{ollamamq.front.dialectsFor} gives them: C{{"ollama"}} for C{/api/*},
+        C{{"openai"}} for C{/v1/*}, C{{"anthropic"}} for C{/v1/messages}.
     @ivar model: the canonical model key (L{ollamamq.models.canonicalModel}), or L{None}
         for a request any backend of a fitting kind can serve.
     @ivar peer: the client address the request came from (after trusted proxies), for
@@ -265,19 +267,23 @@ class Lease:
         """
         self._scheduler._release(self)
 
-    def retry(self) -> Deferred[Lease]:
+    def retry(self, exclude: bool = True) -> Deferred[Lease]:
         """
-        The backend failed before the first response byte (the caller has marked it
-        offline): free the slot without charging the user and queue the request again, ahead
-        of the user's other requests for the model, for a backend it has not tried yet.
+        The backend failed (or was busy) before the first response byte: free the slot
+        without charging the user and queue the request again, ahead of the user's other
+        requests for the model.
 
-        @return: fires with a new lease; errbacks with L{BadGateway} when no available
-            backend that was not tried yet serves the request (at once, or later when the
-            pool changes so), L{Unavailable} on a queue timeout or shutdown. Cancelling it
-            removes the request like a queued one.
+        @param exclude: the backend failed (the caller has marked it so): send the request
+            to a backend it has not tried yet when another one serves it; when none does,
+            it waits for the same backend to come back (the grace of the module
+            docstring). With C{exclude=False} (the backend was busy) it may go anywhere.
+        @return: fires with a new lease; errbacks with L{BadGateway} when no backend that
+            was not tried yet serves the request (at once, or later when the pool changes
+            so), L{Unavailable} when no backend will serve it any more, on a queue timeout
+            or shutdown. Cancelling it removes the request like a queued one.
         @raise RuntimeError: when the lease was already released or retried.
         """
-        return self._scheduler._retry(self)
+        return self._scheduler._retry(self, exclude)
 
 
 @attrs.define(eq=False)
@@ -300,6 +306,8 @@ class _Ticket:
     state: str = _QUEUED
     deferred: Deferred[Lease] | None = None
     lease: Lease | None = None
+    # The id the control plane knows it by: the job's request id, else one made up.
+    id: str = ""
 
 
 @attrs.define(eq=False)
@@ -403,6 +411,7 @@ class _User:
     idlePending: bool = False
     meanLease: float | None = None
     modelLease: dict[str | None, float] = attrs.field(factory=dict)
+    blocked: bool = False
 
     @property
     def tier(self) -> int:
@@ -466,6 +475,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._queued = 0
+        self._queuedBytes = 0
+        self._peerQueued: dict[str, int] = {}
         self._active = 0
         self._backlogged = 0
         self._meanLease: float | None = None
@@ -476,10 +487,17 @@ class Scheduler:
         # At most one entry per user: (deadline, tiebreak, user); see _maybeIdle.
         self._idle: list[tuple[float, int, _User]] = []
         self._idleCall: IDelayedCall | None = None
+        # Wakes _poolChanged when the grace of an unavailable backend ends.
+        self._graceCall: IDelayedCall | None = None
         # Reentrancy: Deferreds to fire once the state is consistent, and the loop's flags.
         self._outbox: deque[tuple[Deferred[Lease], Lease | Exception]] = deque()
         self._running = False
         self._again = False
+        # The control plane's view: queued tickets by id, blocked networks by prefix
+        # length (an admission check is one set lookup per length), event listeners.
+        self._byId: dict[str, _Ticket] = {}
+        self._blockedNets: dict[int, set[IPNetwork]] = {}
+        self._listeners: list[Callable[[str, dict], None]] = []
         pool.subscribe(self._poolChanged)
 
     # --- public API ---
@@ -511,9 +529,12 @@ class Scheduler:
         """
         if self._stopped:
             return fail(self._shuttingDown())
-        if not self._pool.canServe(job.kinds, job.model):
-            return fail(self._noBackend(job))
         user = self._users.get(job.user)
+        blocked = self._blockedFor(job, user)
+        if blocked is not None:
+            return fail(blocked)
+        if not self._servedSoon(job.kinds, job.model, frozenset()):
+            return fail(self._noBackend(job))
         if user is not None:
             limit = user.maxQueued or self._config.maxQueuedPerUser
             if user.queued >= limit:
@@ -524,6 +545,16 @@ class Scheduler:
                         retryAfter=self._userRetryAfter(job),
                     )
                 )
+        peerLimit = self._config.maxQueuedPerPeer
+        if job.peer is not None and self._peerQueued.get(job.peer, 0) >= peerLimit:
+            # One client address cannot take more of the queue by making up user ids.
+            return fail(
+                TooManyRequests(
+                    f"too many queued requests from {job.peer} (limit {peerLimit})",
+                    code="peer_queue_full",
+                    retryAfter=self._userRetryAfter(job),
+                )
+            )
         if self._queued >= self._config.maxQueuedTotal:
             return fail(
                 Unavailable(
@@ -532,17 +563,34 @@ class Scheduler:
                     retryAfter=self._config.healthInterval,
                 )
             )
+        if self._queuedBytes + job.size > self._config.maxQueuedBytes:
+            return fail(
+                Unavailable(
+                    "the proxy holds as many queued request bodies as it may",
+                    code="queue_bytes_full",
+                    retryAfter=self._config.healthInterval,
+                )
+            )
         if user is None:
             # Created only once admitted, so refused strangers leave no state behind.
+            if len(self._users) >= self._config.maxUsers:
+                self._forgetLeastRecent()
             user = self._users[job.user] = _User(id=job.user)
+        seq = next(self._seq)
         ticket = _Ticket(
             job=job,
             user=user,
-            seq=next(self._seq),
+            seq=seq,
             excluded=frozenset(),
             queuedSince=self._clock.seconds(),
+            id=job.requestId or f"q{seq}",
         )
         self._admit(ticket)
+        self._emit(
+            "request.queued",
+            {"id": ticket.id, "user": job.user, "model": job.model, "peer": job.peer,
+             "queued": user.queued},
+        )
         self._run()
         assert ticket.deferred is not None
         return ticket.deferred
@@ -581,21 +629,12 @@ class Scheduler:
     def snapshot(self) -> list[dict]:
         """
         One entry per configured, policy-holding or recently active user, by id:
-        C{{"id", "priority", "weight", "queued", "active", "served"}}; C{weight} is the
+        C{{"id", "priority", "weight", "max_queued", "blocked", "queued", "active",
+        "served"}}; C{max_queued} is L{None} for the server-wide limit; C{weight} is the
         configured weight (C{boost} doubles it on top), C{served} counts dispatched
         requests (a retried request counts once).
         """
-        return [
-            {
-                "id": u.id,
-                "priority": u.priority,
-                "weight": u.weight,
-                "queued": u.queued,
-                "active": u.active,
-                "served": u.served,
-            }
-            for u in sorted(self._users.values(), key=lambda u: u.id)
-        ]
+        return [self._describe(u) for u in sorted(self._users.values(), key=lambda u: u.id)]
 
     def stop(self) -> None:
         """
@@ -607,13 +646,249 @@ class Scheduler:
         self._stopped = True
         for cls in list(self._classes.values()):
             self._failClass(cls, self._shuttingDown)
-        for call in (self._deadlineCall, self._idleCall):
+        for call in (self._deadlineCall, self._idleCall, self._graceCall):
             if call is not None and call.active():
                 call.cancel()
-        self._deadlineCall = self._idleCall = None
+        self._deadlineCall = self._idleCall = self._graceCall = None
         self._deadlines.clear()
         self._idle.clear()
         self._run()
+
+    # --- control plane ---
+
+    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
+        """
+        Call C{listener(name, payload)} for every request event: C{request.queued},
+        C{request.started}, C{request.finished}, C{request.cancelled}, with the payloads
+        documented in L{ollamamq.control.amp}. A listener must not call back into the
+        scheduler.
+        """
+        self._listeners.append(listener)
+
+    def user(self, user: str) -> dict | None:
+        """
+        One user's entry as in L{snapshot}, or L{None} for a user the scheduler does not
+        know.
+        """
+        state = self._users.get(user)
+        return None if state is None else self._describe(state)
+
+    def setMaxQueued(self, user: str, maxQueued: int | None) -> None:
+        """
+        Set a user's queue limit (L{None}: the server-wide C{max_queued_per_user}). Already
+        queued requests stay; the limit applies to the next admission. The user is
+        remembered from then on, as with L{setPolicy}.
+
+        @raise ValueError: for a limit that is not a positive integer.
+        """
+        if maxQueued is not None and (
+            isinstance(maxQueued, bool) or not isinstance(maxQueued, int) or maxQueued < 1
+        ):
+            raise ValueError(f"max_queued must be a positive integer, got {maxQueued!r}")
+        state = self._userFor(user)
+        state.policySet = True
+        state.maxQueued = maxQueued
+
+    def setBlocked(self, user: str, blocked: bool) -> None:
+        """
+        Block or unblock a user. A blocked user's new requests are refused with
+        L{Forbidden} and its queued ones fail with it at once; running requests finish.
+        """
+        state = self._userFor(user)
+        state.policySet = True
+        if blocked == state.blocked:
+            return
+        state.blocked = blocked
+        if blocked:
+            error = self._blockedFor(Job(user=user, kinds=()), state)
+            assert error is not None
+            for queue in list(state.queues.values()):
+                for ticket in list(queue.tickets):
+                    if ticket.state == _QUEUED:
+                        self._fail(ticket, error, reason="blocked")
+            self._run()
+
+    def resetPolicy(
+        self,
+        user: str,
+        priority: str = "normal",
+        weight: float = 1.0,
+        maxQueued: int | None = None,
+    ) -> None:
+        """
+        Drop a user's runtime policy: set the given values (the config's, or the
+        defaults), unblock it, and let it be forgotten once idle again unless it is
+        configured.
+
+        @raise ValueError: as L{setPolicy} and L{setMaxQueued}.
+        """
+        self.setPolicy(user, priority=priority, weight=weight)
+        self.setMaxQueued(user, maxQueued)
+        self.setBlocked(user, False)
+        state = self._users[user]
+        state.policySet = False
+        self._maybeIdle(state)
+
+    def blockNetwork(self, network: IPNetwork) -> None:
+        """
+        Refuse requests whose peer address lies in C{network} with L{Forbidden}; queued
+        ones fail with it at once.
+        """
+        self._blockedNets.setdefault(network.prefixlen, set()).add(network)
+        # One pass over the queue: an operator action, not a per-request cost.
+        for state in list(self._users.values()):
+            for queue in list(state.queues.values()):
+                for ticket in list(queue.tickets):
+                    peer = ticket.job.peer
+                    if ticket.state == _QUEUED and peer is not None and self._peerBlocked(peer):
+                        error = self._blockedFor(ticket.job, None)
+                        assert error is not None
+                        self._fail(ticket, error, reason="blocked")
+        self._run()
+
+    def unblockNetwork(self, network: IPNetwork) -> bool:
+        """
+        Lift a block made with L{blockNetwork}.
+
+        @return: whether it was blocked.
+        """
+        networks = self._blockedNets.get(network.prefixlen)
+        if networks is None or network not in networks:
+            return False
+        networks.discard(network)
+        if not networks:
+            del self._blockedNets[network.prefixlen]
+        return True
+
+    def blockedNetworks(self) -> list[IPNetwork]:
+        """
+        The blocked networks, sorted (IPv4 first).
+        """
+        return sorted(
+            (n for ns in self._blockedNets.values() for n in ns),
+            key=lambda n: (n.version, n.network_address, n.prefixlen),
+        )
+
+    def queuedRequests(self, user: str | None = None) -> list[dict]:
+        """
+        The queued requests in predicted dispatch order: C{{"id", "position", "user",
+        "model", "waited", "peer"}}, C{position} 1 going next.
+
+        The prediction plays fair queuing forward as if every request could take the next
+        free slot: VIP first; within a tier by the start counter each request will have
+        (the user's counter plus the charges of its earlier requests), then by arrival.
+        Requests for a model with no free backend wait while others pass them, so the
+        real order can differ across models; within one model and tier it is exact.
+
+        @param user: only this user's requests (positions still count everyone's).
+        """
+        now = self._clock.seconds()
+        ordered = []
+        for state in self._users.values():
+            if not state.queued:
+                continue
+            tickets = sorted(
+                (t for q in state.queues.values() for t in q.tickets if t.state == _QUEUED),
+                key=lambda t: t.seq,
+            )
+            counter = state.counter
+            weight = state.effectiveWeight
+            for ticket in tickets:
+                ordered.append((state.tier, counter, ticket.seq, ticket))
+                cost = self._estimate(state, ticket.job.model) if self._timeShare else REQUEST_COST
+                counter += cost / weight
+        ordered.sort(key=lambda e: e[:3])
+        result = []
+        for position, (_, _, _, ticket) in enumerate(ordered, 1):
+            job = ticket.job
+            if user is not None and job.user != user:
+                continue
+            result.append(
+                {
+                    "id": ticket.id,
+                    "position": position,
+                    "user": job.user,
+                    "model": job.model,
+                    "waited": ticket.waitedBefore + (now - ticket.queuedSince),
+                    "peer": job.peer,
+                }
+            )
+        return result
+
+    def cancelQueued(self, requestId: str, error: Exception | None = None) -> bool:
+        """
+        Take a queued request out of the queue; its Deferred errbacks with C{error}
+        (default: L{Unavailable} C{"cancelled by an operator"}).
+
+        @return: whether a queued request had that id.
+        """
+        ticket = self._byId.get(requestId)
+        if ticket is None or ticket.state != _QUEUED:
+            return False
+        if error is None:
+            error = Unavailable(
+                "the request was cancelled by an operator",
+                code="cancelled",
+                retryAfter=self._config.healthInterval,
+            )
+        self._fail(ticket, error, reason="operator")
+        self._run()
+        return True
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Apply a reloaded config: limits and timeouts from now on, and the configured users'
+        policies (the caller re-applies runtime overrides on top). Queues, counters and
+        leases are kept. Users no longer in the config keep their state and may be
+        forgotten once idle.
+
+        @raise ValueError: for a C{fairShare} that is not one of L{FAIR_SHARES}.
+        """
+        if config.fairShare not in FAIR_SHARES:
+            raise ValueError(
+                f"fairShare must be one of {', '.join(FAIR_SHARES)}, got {config.fairShare!r}"
+            )
+        old = self._config
+        self._config = config
+        self._timeShare = config.fairShare == "time"
+        for userID, userConfig in config.users.items():
+            state = self._userFor(userID)
+            policySet = state.policySet
+            self.setPolicy(userID, priority=userConfig.priority, weight=userConfig.weight)
+            self.setMaxQueued(userID, userConfig.maxQueued)
+            state.policySet = policySet
+            state.configured = True
+        for userID in old.users:
+            if userID not in config.users:
+                state = self._users.get(userID)
+                if state is not None:
+                    state.configured = False
+                    self._maybeIdle(state)
+        self._run()
+
+    def _userFor(self, user: str) -> _User:
+        """
+        The state of C{user}, created when needed.
+        """
+        state = self._users.get(user)
+        if state is None:
+            state = self._users[user] = _User(id=user)
+        return state
+
+    def _describe(self, u: _User) -> dict:
+        """
+        A user's entry in L{snapshot}.
+        """
+        return {
+            "id": u.id,
+            "priority": u.priority,
+            "weight": u.weight,
+            "max_queued": u.maxQueued,
+            "blocked": u.blocked,
+            "queued": u.queued,
+            "active": u.active,
+            "served": u.served,
+        }
 
     # --- errors ---
 
@@ -716,7 +991,12 @@ class Scheduler:
         queue.insert(ticket)
         user.queued += 1
         self._queued += 1
+        self._byId[ticket.id] = ticket
+        self._hold(job, 1)
         ticket.deferred = Deferred(lambda d: self._cancel(ticket))
+        if self._graceCall is None:
+            # It may be waiting for a backend to come back: its grace must end in time.
+            self._armGrace(ticket.queuedSince)
         if isNew or (oldHead is not None and ticket.seq < oldHead.seq):
             # New queue, or a retried request now heads it: its key went down.
             self._index(queue)
@@ -802,6 +1082,8 @@ class Scheduler:
         Take a queued ticket out of the counts (its queue drops it lazily).
         """
         ticket.state = state
+        if self._byId.get(ticket.id) is ticket:
+            del self._byId[ticket.id]
         user = ticket.user
         job = ticket.job
         queue = user.queues.get(_classKey(job.kinds, job.model, ticket.excluded))
@@ -813,6 +1095,7 @@ class Scheduler:
                 queue.compact()
         user.queued -= 1
         self._queued -= 1
+        self._hold(job, -1)
         if user.queued == 0:
             self._backlogged -= 1
         self._maybeIdle(user)
@@ -824,6 +1107,7 @@ class Scheduler:
         """
         if ticket.state == _QUEUED:
             self._unqueue(ticket, _CANCELLED)
+            self._emitCancelled(ticket, "client")
         elif ticket.state == _GRANTED and ticket.lease is not None:
             lease = ticket.lease
             if lease._finished:
@@ -835,13 +1119,63 @@ class Scheduler:
             self._maybeIdle(user)
             self._run()
 
-    def _fail(self, ticket: _Ticket, error: Exception) -> None:
+    def _fail(self, ticket: _Ticket, error: Exception, reason: str = "failed") -> None:
         """
         Take a queued ticket out and errback it once the state is consistent.
+
+        @param reason: why, for the C{request.cancelled} event (see
+            L{ollamamq.control.amp}).
         """
         self._unqueue(ticket, _FAILED)
         assert ticket.deferred is not None
         self._outbox.append((ticket.deferred, error))
+        self._emitCancelled(ticket, reason)
+
+    def _emitCancelled(self, ticket: _Ticket, reason: str) -> None:
+        """
+        Tell the listeners a queued request left the queue without a slot.
+        """
+        job = ticket.job
+        self._emit(
+            "request.cancelled",
+            {"id": ticket.id, "user": job.user, "model": job.model, "reason": reason},
+        )
+
+    def _emit(self, name: str, payload: dict) -> None:
+        """
+        Call every listener with an event. Listeners only record it (they must not call
+        back into the scheduler), so this is safe in the middle of a dispatch.
+        """
+        for listener in self._listeners:
+            listener(name, payload)
+
+    def _blockedFor(self, job: Job, user: _User | None) -> Forbidden | None:
+        """
+        The error for a job whose user or address is blocked, else L{None}.
+        """
+        if user is not None and user.blocked:
+            return Forbidden(f"user {job.user} is blocked", code="user_blocked")
+        if self._blockedNets and job.peer is not None and self._peerBlocked(job.peer):
+            return Forbidden(f"address {job.peer} is blocked", code="address_blocked")
+        return None
+
+    def _peerBlocked(self, peer: str) -> bool:
+        """
+        Whether C{peer} lies in a blocked network: one set lookup per blocked prefix
+        length, whatever the number of blocks.
+        """
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        for length, networks in self._blockedNets.items():
+            if length <= address.max_prefixlen and ipaddress.ip_network(
+                (address, length), strict=False
+            ) in networks:
+                return True
+        return False
 
     def _failClass(self, cls: _Class, error: Callable[[], Exception]) -> None:
         """
@@ -936,11 +1270,14 @@ class Scheduler:
         user = queue.user
         queue.tickets.popleft()
         ticket.state = _GRANTED
+        if self._byId.get(ticket.id) is ticket:
+            del self._byId[ticket.id]
         queue.live -= 1
         if queue.live == 0:
             self._dropQueue(queue)
         user.queued -= 1
         self._queued -= 1
+        self._hold(job, -1)
         if user.queued == 0:
             self._backlogged -= 1
         tier = user.tier
@@ -971,6 +1308,11 @@ class Scheduler:
         ticket.lease = lease
         assert ticket.deferred is not None
         self._outbox.append((ticket.deferred, lease))
+        self._emit(
+            "request.started",
+            {"id": ticket.id, "user": job.user, "model": job.model, "backend": backend.name,
+             "waited": lease.waited},
+        )
         return True
 
     # --- leases ---
@@ -1003,6 +1345,12 @@ class Scheduler:
             return
         user = self._endLease(lease)
         duration = self._clock.seconds() - lease._grantedAt
+        job = lease.job
+        self._emit(
+            "request.finished",
+            {"id": lease._ticket.id, "user": job.user, "model": job.model,
+             "backend": lease.backend.name, "duration": duration},
+        )
         if self._meanLease is None:
             self._meanLease = duration
         else:
@@ -1046,7 +1394,7 @@ class Scheduler:
                 # they are lower bounds, fixed when they reach the top.)
                 self._reindexUser(user)
 
-    def _retry(self, lease: Lease) -> Deferred[Lease]:
+    def _retry(self, lease: Lease, exclude: bool) -> Deferred[Lease]:
         """
         See L{Lease.retry}.
         """
@@ -1056,15 +1404,16 @@ class Scheduler:
         old = lease._ticket
         job = old.job
         self._refund(user, lease)
-        excluded = old.excluded | {lease.backend}
+        excluded = old.excluded
+        if exclude:
+            others = excluded | {lease.backend}
+            if self._servedSoon(job.kinds, job.model, others):
+                excluded = others
         error: Exception | None = None
         if self._stopped:
             error = self._shuttingDown()
-        elif not any(
-            b.available and b.serves(job.kinds, job.model) and b not in excluded
-            for b in self._pool.backends
-        ):
-            error = self._noOtherBackend(job)
+        elif not self._servedSoon(job.kinds, job.model, excluded):
+            error = self._noOtherBackend(job) if excluded else self._noBackend(job)
         if error is not None:
             self._maybeIdle(user)
             self._run()
@@ -1076,6 +1425,7 @@ class Scheduler:
             excluded=excluded,
             queuedSince=self._clock.seconds(),
             waitedBefore=lease.waited,
+            id=old.id,
         )
         self._admit(ticket)
         self._run()
@@ -1091,9 +1441,9 @@ class Scheduler:
         """
         if self._stopped:
             return
-        available = [b for b in self._pool.backends if b.available]
+        now = self._clock.seconds()
         for cls in list(self._classes.values()):
-            if any(cls.servedBy(b) for b in available):
+            if self._servedSoon(cls.kinds, cls.model, cls.excluded, now):
                 continue
             job = Job(user="", kinds=cls.kinds, model=cls.model)
             # A retried request lost its last untried backend: that is the backend
@@ -1102,7 +1452,59 @@ class Scheduler:
                 self._noOtherBackend if cls.excluded else self._noBackend
             )
             self._failClass(cls, functools.partial(makeError, job))
+        self._armGrace(now)
         self._run()
+
+    def _downGrace(self) -> float:
+        """
+        How long requests wait for an unavailable backend to come back.
+        """
+        grace = self._config.downGrace
+        return grace if grace is not None else 3 * self._config.healthInterval
+
+    def _servedSoon(
+        self,
+        kinds: frozenset[str],
+        model: str | None,
+        excluded: frozenset[Backend],
+        now: float | None = None,
+    ) -> bool:
+        """
+        Whether a request with these needs can be served now, or should wait: some backend
+        it has not tried serves it and is available, busy for a while, or unavailable for
+        less than the grace (L{Backend.recovering}).
+        """
+        if now is None:
+            now = self._clock.seconds()
+        grace = self._downGrace()
+        return any(
+            b.serves(kinds, model)
+            and b not in excluded
+            and (b.available or b.recovering(now, grace))
+            for b in self._pool.backends
+        )
+
+    def _armGrace(self, now: float) -> None:
+        """
+        Make sure the pool is looked at again when the next unavailable backend's grace
+        ends, so the requests waiting only for it then get their error.
+        """
+        grace = self._downGrace()
+        ends = [
+            b.unavailableSince + grace
+            for b in self._pool.backends
+            if b.state != ONLINE and not b.draining and b.unavailableSince is not None
+            and b.unavailableSince + grace > now
+        ]
+        call = self._graceCall
+        if call is not None and call.active():
+            if ends and abs(call.getTime() - min(ends)) < _EPSILON:
+                return
+            call.cancel()
+        self._graceCall = None
+        if ends and self._classes:
+            self._graceCall = self._clock.callLater(min(ends) - now + _EPSILON,
+                                                    self._poolChanged)
 
     # --- timers ---
 
@@ -1133,6 +1535,40 @@ class Scheduler:
                 )
         self._armDeadlines()
         self._run()
+
+    def _hold(self, job: Job, sign: int) -> None:
+        """
+        Count a job in (C{sign} 1) or out of (-1) the queued totals kept per client
+        address and in body bytes.
+        """
+        self._queuedBytes += sign * job.size
+        peer = job.peer
+        if peer is not None:
+            count = self._peerQueued.get(peer, 0) + sign
+            if count:
+                self._peerQueued[peer] = count
+            else:
+                del self._peerQueued[peer]
+
+    def _forgetLeastRecent(self) -> None:
+        """
+        Make room for a new user when C{maxUsers} are tracked: forget the idle users that
+        were active least recently (configured users, users with a policy and users with
+        requests are never forgotten), so made-up user ids cannot grow memory.
+        """
+        forget = self._config.idleForget
+        while self._idle and len(self._users) >= self._config.maxUsers:
+            entry = heapq.heappop(self._idle)
+            user = entry[2]
+            user.idlePending = False
+            if self._users.get(user.id) is not user or not self._idleEligible(user):
+                continue
+            if user.idleSince + forget > entry[0] + _EPSILON:
+                # Active again since the entry was made: put it back at its real place.
+                user.idlePending = True
+                heapq.heappush(self._idle, (user.idleSince + forget, next(self._pushes), user))
+                continue
+            del self._users[user.id]
 
     def _idleEligible(self, user: _User) -> bool:
         """

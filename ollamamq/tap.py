@@ -6,6 +6,8 @@ The twistd plugin's options and the one place that wires the daemon's objects to
 from __future__ import annotations
 
 import os
+import resource
+import signal
 from typing import Any
 
 from twisted.application import service
@@ -14,7 +16,6 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -23,7 +24,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from ollamamq.aggregate import Aggregator
-from ollamamq.api import ProxyAPI, bodyLimitedRequest
+from ollamamq.api import ProxyAPI
 from ollamamq.backends import Backend, BackendPool
 from ollamamq.config import (
     Config,
@@ -32,19 +33,26 @@ from ollamamq.config import (
     buildConfig,
     loadConfigFile,
 )
+from ollamamq.control.actions import ControlActions
+from ollamamq.control.amp import ReloadFailed
+from ollamamq.control.events import EventHub
+from ollamamq.control.server import ControlFactory, controlService
+from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog
 from ollamamq.relay import Relay
 from ollamamq.scheduler import Scheduler
+from ollamamq.store import Store, StoreError, StoreService, loadState
 
 log = Logger()
 
 # How long a stopping daemon lets running requests finish before cutting them.
 DRAIN_GRACE = 30.0
 
-# How soon a backend that failed a request is probed again (instead of a whole interval).
-RECHECK_DELAY = 1.0
+# Descriptors the daemon needs beyond one per queued connection: backend connections,
+# listening sockets, log files, the state database.
+SPARE_DESCRIPTORS = 256
 
 
 def _port(value: str) -> int:
@@ -123,14 +131,31 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         for description in self.config.listen:
             try:
-                # Parsing only: a memory reactor, since twistd installs the real one later.
-                endpoints.serverFromString(MemoryReactor(), description)
+                # Parsing only (no reactor: twistd installs the real one later).
+                endpoints.serverFromString(None, description)
             except KeyError as e:
                 raise usage.UsageError(
                     f"--listen {description!r}: systemd passed no socket named {e}"
                 ) from None
+            except IndexError:
+                raise usage.UsageError(
+                    f"--listen {description!r}: systemd passed fewer sockets than that index"
+                ) from None
             except (ValueError, TypeError) as e:
                 raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}") from None
+
+    def reloadConfig(self) -> Config:
+        """
+        Read the config file again, merged with the same command line and environment as
+        at startup (the command line still wins).
+
+        @raise ConfigError: when it is unreadable or invalid, models clashing included.
+        """
+        if not self["config"]:
+            raise ConfigError("the daemon was started without --config: nothing to reload")
+        config = buildConfig(loadConfigFile(self["config"]), self._cliFields(), self.environ)
+        ModelCatalog(config.models)
+        return config
 
     def _cliFields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}
@@ -231,6 +256,73 @@ class _DrainService(service.Service):
         return d
 
 
+class _FileLimitService(service.Service):
+    """
+    At start, raise the soft limit on open files to the hard limit, and warn when even that
+    cannot hold a connection per queued request (C{max_queued_total}).
+    """
+
+    def __init__(self, needed: int) -> None:
+        self._needed = needed
+
+    def startService(self) -> None:
+        super().startService()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError) as e:
+                log.warn("Could not raise the open-file limit from {soft}: {error}",
+                         soft=soft, error=e)
+        if soft != resource.RLIM_INFINITY and soft < self._needed:
+            log.warn(
+                "The open-file limit is {limit}, below the {needed} that max_queued_total "
+                "connections need; raise it (systemd: LimitNOFILE=) or lower "
+                "max_queued_total",
+                limit=soft, needed=self._needed,
+            )
+
+
+class _ReloadOnSignal(service.Service):
+    """
+    Reload the config on SIGHUP (what C{systemctl reload} sends, see the unit's
+    C{ExecReload}). The handler only schedules the reload on the reactor, which runs it
+    between events like any other work.
+    """
+
+    def __init__(self, reactor: Any, reload: Any, signum: int = signal.SIGHUP) -> None:
+        self._reactor = reactor
+        self._reload = reload
+        self._signum = signum
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(self._signum, self._received)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(self._signum, self._previous)
+            self._previous = None
+
+    def _received(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Reload; a refused config was logged by the reload itself, the old one stays.
+        """
+        log.info("SIGHUP: reloading the config")
+        try:
+            self._reload()
+        except ReloadFailed:
+            pass
+        except Exception:
+            log.failure("Reload failed")
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """
     Build the daemon: HTTP front, scheduler, backend pool, health checks.
@@ -244,28 +336,85 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config = options.config
     assert config is not None, "Options.parseOptions() was not called"
 
+    try:
+        # Before anything serves: saved blocks and policies apply from the first request,
+        # and an unusable state file stops startup with its reason.
+        state = loadState(config.state)
+    except StoreError as e:
+        # One clear line and exit status 1, not a traceback: the operator has to act.
+        raise SystemExit(f"ollamamq: {e}") from None
+
     top = service.MultiService()
+    store = Store(config.state, reactor, reactor)
+    # First child: stopped last, after everything that may still save something.
+    StoreService(store).setServiceParent(top)
     httpPool = _QuietConnectionPool(reactor, persistent=True)
     httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
     agent = Agent(reactor, pool=httpPool)
+    # For the one retry of a request lost on a stale keep-alive connection.
+    freshAgent = Agent(reactor, pool=_QuietConnectionPool(reactor, persistent=False))
     http = HTTPClient(agent)
 
     pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
-    health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout)
+    health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout,
+                           downAfter=config.downAfter)
+    relay = Relay(agent, reactor, config.timeout, config.firstByteTimeout, freshAgent)
+    forwarder = Forwarder(
+        pool=pool,
+        scheduler=scheduler,
+        relay=relay,
+        catalog=catalog,
+        clock=reactor,
+        # A backend that failed a request is probed again at once: a restart is brief.
+        recheck=health.probeSoon,
+        downAfter=config.downAfter,
+    )
     api = ProxyAPI(
         config=config,
         pool=pool,
         scheduler=scheduler,
-        relay=Relay(agent, reactor, config.timeout),
+        forwarder=forwarder,
         identity=IdentityResolver(config),
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
-        recheck=lambda backend: health.probeSoon(backend, delay=RECHECK_DELAY),
     )
 
+    def reconfigure(new: Config) -> None:
+        # The components that hold the config take the reloaded one; queues, counters,
+        # connections and running streams are untouched. The model catalog is immutable:
+        # a new one replaces it.
+        newCatalog = ModelCatalog(new.models)
+        api.config = new
+        api.catalog = newCatalog
+        api.aggregator.catalog = newCatalog
+        forwarder.catalog = newCatalog
+        forwarder.downAfter = new.downAfter
+        # Body and header limits: requests from now on are read under the new rules.
+        site.requestFactory = api.frontRules().requestFactory()
+        api.identity.reconfigure(new)
+        relay.reconfigure(new)
+        health.reconfigure(new)
+
+    hub = EventHub(reactor, lambda: actions.totals())
+    actions = ControlActions(
+        config=config,
+        pool=pool,
+        scheduler=scheduler,
+        store=store,
+        events=hub,
+        probe=health.probe,
+        loadConfig=options.reloadConfig if options["config"] else None,
+        reconfigure=[reconfigure],
+    )
+    actions.restore(state)
+    api.control = actions
+    _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
+    controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
+
+    _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
     health.service().setServiceParent(top)
     if config.demo:
@@ -276,8 +425,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = Site(api.resource())
-    site.requestFactory = bodyLimitedRequest(config.maxBodyBytes)
+    site = Site(api.resource(), reactor=reactor)
+    site.requestFactory = api.frontRules().requestFactory()
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
         listener = StreamServerEndpointService(endpoint, site)
