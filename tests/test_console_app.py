@@ -339,7 +339,7 @@ class AttachTests(ControllerTestCase):
     def test_eventsPatchAndRefresh(self) -> None:
         """
         A pushed backend or policy change shows at once (no command sent); request
-        events make the users and queue be read again, once for a burst.
+        events make the users, queue and snapshot be read again, once for a burst.
         """
         daemon = self.start()
         before = len(daemon.received)
@@ -358,7 +358,7 @@ class AttachTests(ControllerTestCase):
                                            "peer": "10.0.0.8", "queued": 1})
         self.settle(1.0)
         fetched = [name for name, _ in daemon.received[before:]]
-        self.assertEqual(sorted(fetched), ["ListQueue", "ListUsers"])
+        self.assertEqual(sorted(fetched), ["ListQueue", "ListUsers", "Snapshot"])
         self.assertRegex(self.screen(), r"2 alice +m ")
 
     def test_redrawsAreThrottled(self) -> None:

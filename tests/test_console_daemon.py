@@ -152,7 +152,7 @@ class ConsoleDaemonTests(SynchronousTestCase):
         """
         An action the daemon refuses shows its message; the console stays attached.
         """
-        self.one.press("tab", "tab", "tab", "u")  # Blocked panel, empty
+        self.one.press("tab", "tab", "u")  # Blocked panel, empty
         self.assertIn("nothing is blocked", self.one.status())
         self.one.controller.perform(app.Action("cancel", {"request": "nope"}, "cancel nope"))
         self.settle()

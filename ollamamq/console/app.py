@@ -283,7 +283,8 @@ class ConsoleController:
         else:
             self.view.showEvent(dict(data, type=name), time.time())
         if name.startswith("request."):
-            self._stale |= {"users", "queue"}
+            # The backends' active counts and the totals move with requests too.
+            self._stale |= {"users", "queue", "snapshot"}
             user = data.get("user")
             if name == "request.queued" and user and data.get("peer"):
                 self.peers[str(user)] = str(data["peer"])
