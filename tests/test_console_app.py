@@ -349,7 +349,7 @@ class AttachTests(ControllerTestCase):
         self.assertEqual(len(daemon.received), before)
         text = self.screen()
         self.assertRegex(text, r"● gpu2 +online")
-        self.assertRegex(text, r"◆○ alice +vip")
+        self.assertRegex(text, r"◆○ +alice +vip")
         self.assertIn("alice: vip, weight 1", text)
         self.state["queue"].append({"id": "r2", "position": 2, "user": "alice", "model": "m",
                                     "waited": 0.0, "peer": "10.0.0.8"})
@@ -441,7 +441,7 @@ class ActionTests(ControllerTestCase):
         self.assertIn(("SetUser", {"user": "alice", "priority": "vip", "weight": None,
                                    "blocked": None}), daemon.received)
         self.assertIn("alice: priority vip, weight 1", self.status())
-        self.assertRegex(self.screen(), r"◆○ alice +vip")
+        self.assertRegex(self.screen(), r"◆○ +alice +vip")
 
     def test_weightAndBlock(self) -> None:
         """
@@ -744,7 +744,7 @@ class MainLoopTests(SynchronousTestCase):
         self.assertEqual(self.state["users"]["bob"]["priority"], "vip")
         self.assertTrue(self.state["backends"][0]["draining"])
         text = "\n".join(self.screen.last_text)
-        self.assertRegex(text, r"◆● bob +vip")
+        self.assertRegex(text, r"◆● +bob +vip")
         self.assertRegex(text, r"◌ gpu1 +draining")
 
     def test_resize(self) -> None:

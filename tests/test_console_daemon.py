@@ -121,7 +121,7 @@ class ConsoleDaemonTests(SynchronousTestCase):
         self.settle()
         self.assertEqual(self.userPriority("bob"), "vip")
         self.assertIn("bob: priority vip", self.one.status())
-        self.assertRegex(self.two.screen(), r"◆. bob +vip")
+        self.assertRegex(self.two.screen(), r"◆. +bob +vip")
         self.two.press("h", "d")
         self.settle()
         self.assertTrue(self.fixture.pool.backends[0].draining)

@@ -222,7 +222,7 @@ class ConsoleInTerminalTests(_TerminalTestCase):
             url, lambda s: any(u["id"] == "alice" and u["priority"] == "vip" for u in s["users"]),
             "alice VIP")
         await terminal.waitFor(r"alice: priority vip, weight")
-        await terminal.waitFor(r"◆. alice +vip")
+        await terminal.waitFor(r"◆. +alice +vip")
 
         terminal.press("h", "d")
         await self.waitForStatus(url, lambda s: s["backends"][0]["draining"], "backend draining")

@@ -308,7 +308,7 @@ def _userMarkup(u: dict, marks: dict[str, str], extraWait: float) -> list[Any]:
     ident = str(u.get("id", "?"))
     shown = userMarks(u)
     glyphs: list[Any] = [_mark(marks, m) for m in shown]
-    pad = " " * (3 - len(shown))
+    pad = " " * (4 - len(shown))
     tokens = u.get("tokens")
     if isinstance(tokens, dict):
         tokens = sum(v for v in tokens.values() if isinstance(v, (int, float)))
@@ -320,7 +320,7 @@ def _userMarkup(u: dict, marks: dict[str, str], extraWait: float) -> list[Any]:
         oldest, (int, float)) else "-"
     markup = [
         *glyphs, pad,
-        f"{ident:<16.16} ",
+        f"{ident:<15.15} ",
         (priority if priority in ("vip", "boost") else "idle", f"{priority:<6}"),
         f" w{formatNumber(weight):<4} q{u.get('queued', 0):<4} run{u.get('active', 0):<3}"
         f" served {formatNumber(u.get('served', 0)):<6} tok {tokenText:<6} wait {wait}",
