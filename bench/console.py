@@ -37,6 +37,9 @@ class _NeverEndpoint:
     """
 
     def connect(self, factory: object) -> Deferred:
+        """
+        Connect C{factory}'s protocol to a new daemon end, or fail.
+        """
         return Deferred()
 
 
@@ -91,6 +94,9 @@ def main(argv: list[str]) -> int:
         backend = json.dumps(controller.state["backends"][1])
 
         def redraw() -> None:
+            """
+            One redraw from scratch (no cached canvases).
+            """
             controller._draw()
             CanvasCache.clear()
             view.render((100, 30))

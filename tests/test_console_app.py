@@ -72,6 +72,9 @@ class FakeDaemon(amp.AMP):
         self.lost.callback(None)
 
     def _page(self, rows: list, offset: int | None, limit: int | None) -> tuple[list, int | None]:
+        """
+        One page of C{rows} as the daemon cuts it (C{pageSize} in the state shortens pages).
+        """
         offset = offset or 0
         limit = min(limit or commands.PAGE_LIMIT, self.world.get("pageSize", commands.PAGE_LIMIT))
         page = rows[offset:offset + limit]
@@ -80,18 +83,27 @@ class FakeDaemon(amp.AMP):
 
     @commands.Version.responder
     def version(self) -> dict:
+        """
+        Answer L{commands.Version}.
+        """
         self.received.append(("Version", {}))
         return {"protocol": self.world.get("protocol", commands.PROTOCOL_VERSION),
                 "daemon": "9.9.9"}
 
     @commands.Subscribe.responder
     def subscribe(self, names: list | None = None) -> dict:
+        """
+        Answer L{commands.Subscribe}: events may be pushed from now on.
+        """
         self.received.append(("Subscribe", {}))
         self.subscribed = True
         return {"subscribed": True}
 
     @commands.Snapshot.responder
     def snapshot(self) -> dict:
+        """
+        Answer L{commands.Snapshot} from the state.
+        """
         self.received.append(("Snapshot", {}))
         return {"queued": len(self.world["queue"]), "active": 0,
                 "users": len(self.world["users"]), "blocked": len(self.world["blocked"]),
@@ -99,6 +111,9 @@ class FakeDaemon(amp.AMP):
 
     @commands.ListUsers.responder
     def listUsers(self, offset: int | None = None, limit: int | None = None) -> dict:
+        """
+        Answer a page of L{commands.ListUsers}, by id.
+        """
         self.received.append(("ListUsers", {"offset": offset}))
         rows = [self.world["users"][k] for k in sorted(self.world["users"])]
         page, nxt = self._page(rows, offset, limit)
@@ -107,12 +122,18 @@ class FakeDaemon(amp.AMP):
     @commands.ListQueue.responder
     def listQueue(self, offset: int | None = None, limit: int | None = None,
                   user: str | None = None) -> dict:
+        """
+        Answer a page of L{commands.ListQueue}.
+        """
         self.received.append(("ListQueue", {"offset": offset}))
         page, nxt = self._page(self.world["queue"], offset, limit)
         return {"requests": page, "total": len(self.world["queue"]), "next": nxt}
 
     @commands.ListBlocked.responder
     def listBlocked(self, offset: int | None = None, limit: int | None = None) -> dict:
+        """
+        Answer a page of L{commands.ListBlocked}.
+        """
         self.received.append(("ListBlocked", {"offset": offset}))
         rows = [{"address": a, "source": "runtime"} for a in self.world["blocked"]]
         page, nxt = self._page(rows, offset, limit)
@@ -121,6 +142,9 @@ class FakeDaemon(amp.AMP):
     @commands.SetUser.responder
     def setUser(self, user: str, priority: str | None = None, weight: float | None = None,
                 maxQueued: int | None = None, blocked: bool | None = None) -> dict:
+        """
+        Answer L{commands.SetUser}, refusing an unknown priority as the daemon does.
+        """
         self.received.append(("SetUser", {"user": user, "priority": priority, "weight": weight,
                                           "blocked": blocked}))
         if priority not in (None, "vip", "boost", "normal"):
@@ -133,12 +157,18 @@ class FakeDaemon(amp.AMP):
 
     @commands.BlockAddress.responder
     def blockAddress(self, address: str) -> dict:
+        """
+        Answer L{commands.BlockAddress}.
+        """
         self.received.append(("BlockAddress", {"address": address}))
         self.world["blocked"].append(address)
         return {"address": address, "source": "runtime"}
 
     @commands.UnblockAddress.responder
     def unblockAddress(self, address: str) -> dict:
+        """
+        Answer L{commands.UnblockAddress}; an address not blocked is an error.
+        """
         self.received.append(("UnblockAddress", {"address": address}))
         if address not in self.world["blocked"]:
             raise commands.UnknownAddress(f"{address} is not blocked at runtime")
@@ -146,6 +176,9 @@ class FakeDaemon(amp.AMP):
         return {"address": address}
 
     def _backend(self, name: str) -> dict:
+        """
+        The backend named C{name}, or L{commands.UnknownBackend}.
+        """
         for b in self.world["backends"]:
             if b["name"] == name:
                 return b
@@ -153,6 +186,9 @@ class FakeDaemon(amp.AMP):
 
     @commands.DrainBackend.responder
     def drain(self, name: str) -> dict:
+        """
+        Answer L{commands.DrainBackend}.
+        """
         self.received.append(("DrainBackend", {"name": name}))
         backend = self._backend(name)
         backend["draining"] = True
@@ -160,6 +196,9 @@ class FakeDaemon(amp.AMP):
 
     @commands.UndrainBackend.responder
     def undrain(self, name: str) -> dict:
+        """
+        Answer L{commands.UndrainBackend}.
+        """
         self.received.append(("UndrainBackend", {"name": name}))
         backend = self._backend(name)
         backend["draining"] = False
@@ -167,6 +206,9 @@ class FakeDaemon(amp.AMP):
 
     @commands.CancelRequest.responder
     def cancel(self, id: str) -> dict:
+        """
+        Answer L{commands.CancelRequest}; a request not queued is an error.
+        """
         self.received.append(("CancelRequest", {"id": id}))
         for q in self.world["queue"]:
             if q["id"] == id:
@@ -176,6 +218,9 @@ class FakeDaemon(amp.AMP):
 
     @commands.Reload.responder
     def reload(self) -> dict:
+        """
+        Answer L{commands.Reload}, or fail with C{reloadError} when the state has one.
+        """
         self.received.append(("Reload", {}))
         if self.world.get("reloadError"):
             raise commands.ReloadFailed(self.world["reloadError"])
@@ -204,6 +249,9 @@ class DaemonEndpoint:
         self.attempts = 0
 
     def connect(self, factory: Any) -> Any:
+        """
+        Connect C{factory}'s protocol to a new daemon end, or fail.
+        """
         self.attempts += 1
         if self.failure is not None:
             return fail(self.failure)
@@ -242,6 +290,9 @@ class ControllerTestCase(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        Build the pieces the tests share.
+        """
         self.clock = Clock()
         self.clock.advance(1000)
         self.state = initialState()
@@ -701,7 +752,13 @@ class MainLoopTests(SynchronousTestCase):
         from urwid.testing import ScriptedScreen
 
         class ResizingScreen(ScriptedScreen):
+            """
+            A scripted screen whose size changes just before a C{"window resize"} batch.
+            """
             def get_input(self, raw_keys: bool = False) -> Any:
+                """
+                The next batch; resize first if it is the resize key.
+                """
                 result = super().get_input(raw_keys)
                 if resizeTo and "window resize" in (result[0] if raw_keys else result):
                     self.size = resizeTo

@@ -63,6 +63,9 @@ class ConsoleDaemonTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        Build the pieces the tests share.
+        """
         self.fixture = ControlFixture()
         self.clock = self.fixture.clock
         self.one = Console(self, self.fixture)

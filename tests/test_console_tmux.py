@@ -91,6 +91,9 @@ class Terminal:
 
 
 def _quote(value: str) -> str:
+    """
+    C{value} quoted for the shell tmux runs the command with.
+    """
     import shlex
 
     return shlex.quote(value)
@@ -279,13 +282,22 @@ class ConsoleInTerminalAloneTests(_TerminalTestCase):
         test = self
 
         class DaemonFactory(Factory):
+            """
+            Builds a L{FakeDaemon} per console connection, closed at cleanup.
+            """
             def buildProtocol(self, addr: Any) -> FakeDaemon:
+                """
+                A new daemon end on the shared state.
+                """
                 daemon = FakeDaemon(state)
                 daemons.append(daemon)
                 test.addCleanup(closeDaemon, daemon)
                 return daemon
 
         def closeDaemon(daemon: FakeDaemon) -> Any:
+            """
+            Close one daemon connection and wait until it is gone.
+            """
             if daemon.transport is not None and not daemon.lost.called:
                 daemon.transport.loseConnection()
             return daemon.lost

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import urwid
 from twisted.trial.unittest import SynchronousTestCase
 from urwid.testing import check_box_sizing, render_runs, render_text
 
@@ -59,6 +58,9 @@ class ViewTestCase(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        Build the pieces the tests share.
+        """
         self.now = 1000.0
         self.actions: list[Action] = []
         self.view = ConsoleView(self.actions.append, utf8=True, clock=lambda: self.now)

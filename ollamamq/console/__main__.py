@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_console_app -*-
 """
 C{python -m ollamamq.console}: the same as the C{ollamamq-console} script.
 """

@@ -207,10 +207,16 @@ class ConsoleController:
         return self.service.stopService()
 
     def _waitForConnection(self) -> None:
+        """
+        Be told of the next connection, or of the next failed attempt.
+        """
         d = self.service.whenConnected(failAfterFailures=1)
         d.addCallbacks(self._connected, self._connectFailed)
 
     def _connectFailed(self, failure: Failure) -> None:
+        """
+        Say why the socket could not be reached, and when the next attempt is.
+        """
         if failure.check(CancelledError) or self._stopped:
             return
         message = explainConnectFailure(failure, self.where)
@@ -222,10 +228,16 @@ class ConsoleController:
         self.clock.callLater(0, self._waitAgain)
 
     def _waitAgain(self) -> None:
+        """
+        Wait for the next connection again, unless stopped meanwhile.
+        """
         if not self._stopped:
             self._waitForConnection()
 
     def _connected(self, protocol: ConsoleProtocol) -> None:
+        """
+        Attached: clear the banner and read the daemon's state.
+        """
         self.protocol = protocol
         self.connectedAt = self.clock.seconds()
         self.retryDelay = None
@@ -235,6 +247,9 @@ class ConsoleController:
         d.addErrback(self._attachFailed, protocol)
 
     async def _attach(self, protocol: ConsoleProtocol) -> None:
+        """
+        Ask the version, subscribe to events, then read everything once.
+        """
         version = await protocol.callRemote(commands.Version)
         self.state["version"] = version["daemon"]
         if version["protocol"] != commands.PROTOCOL_VERSION:
@@ -246,6 +261,9 @@ class ConsoleController:
         await self._refresh(protocol)
 
     def _attachFailed(self, failure: Failure, protocol: ConsoleProtocol) -> None:
+        """
+        Show why the daemon's state could not be read (on this connection).
+        """
         if protocol is not self.protocol:
             return  # the connection went away meanwhile; connectionLost said so
         self.view.showStatus(f"Could not read the daemon's state: {failure.value}", error=True)
@@ -306,6 +324,9 @@ class ConsoleController:
         self.requestDraw()
 
     def _patchBackend(self, entry: dict) -> None:
+        """
+        Replace (or insert, or remove) one backend entry from an event or answer.
+        """
         backends = [b for b in self.state["backends"] if b.get("name") != entry.get("name")]
         if not entry.get("removed"):
             old = {b.get("name"): i for i, b in enumerate(self.state["backends"])}
@@ -313,6 +334,9 @@ class ConsoleController:
         self.state["backends"] = backends
 
     def _patchUser(self, entry: dict) -> None:
+        """
+        Replace (or add) one user entry from an event or answer.
+        """
         users = self.state["users"]
         for index, user in enumerate(users):
             if user.get("id") == entry.get("id"):
@@ -322,12 +346,18 @@ class ConsoleController:
         users.sort(key=lambda u: str(u.get("id")))
 
     def _patchAddress(self, address: str, blocked: bool) -> None:
+        """
+        Add or remove one blocked address.
+        """
         ips = [a for a in self.state["blocked_ips"] if a != address]
         if blocked:
             ips.append(address)
         self.state["blocked_ips"] = ips
 
     def _scheduleRefresh(self) -> None:
+        """
+        Read the stale listings again in L{REFRESH_INTERVAL}, unless already due.
+        """
         if not self._stale or self._refreshCall is not None or self._refreshing:
             return
         if self.protocol is None or self._stopped:
@@ -335,6 +365,9 @@ class ConsoleController:
         self._refreshCall = self.clock.callLater(REFRESH_INTERVAL, self._refreshNow)
 
     def _refreshNow(self) -> None:
+        """
+        The refresh timer fired: read the stale listings on the current connection.
+        """
         self._refreshCall = None
         protocol = self.protocol
         if protocol is None:
@@ -407,12 +440,18 @@ class ConsoleController:
         self._drawCall = self.clock.callLater(delay, self._draw)
 
     def _draw(self) -> None:
+        """
+        Give the view the mirrored state and draw the screen.
+        """
         self._drawCall = None
         self._lastDraw = self.clock.seconds()
         self.view.showSnapshot(self.viewState())
         self.redraw()
 
     def _tick(self) -> None:
+        """
+        Once a second: sample the rates, advance the history, redraw.
+        """
         self._samples.append((self._finished, self._tokens))
         self._finished = 0
         self._tokens = None
@@ -452,6 +491,10 @@ class ConsoleController:
         return d
 
     def _command(self, action: Action) -> tuple[type[amp.Command], dict, Callable[[dict], str]]:
+        """
+        The command, its arguments, and the function that turns the daemon's answer
+        into the status line (patching the mirrored state), for C{action}.
+        """
         a = action.args
 
         def user(answer: dict) -> str:
@@ -495,11 +538,17 @@ class ConsoleController:
         }[action.name]()
 
     def _succeeded(self, action: Action, answer: dict, done: Callable[[dict], str]) -> None:
+        """
+        Show what the daemon answered.
+        """
         self.view.showStatus(done(answer))
         self._scheduleRefresh()
         self.requestDraw()
 
     def _failed(self, action: Action, failure: Failure) -> None:
+        """
+        Show why the daemon refused (or could not be asked).
+        """
         if failure.check(commands.ControlError):
             reason = str(failure.value)
         elif failure.check(amp.UnknownRemoteError):
@@ -574,6 +623,9 @@ class Options(usage.Options):
 
 
 def _quit() -> None:
+    """
+    Leave the MainLoop (and, as it manages the reactor, the program).
+    """
     raise urwid.ExitMainLoop()
 
 

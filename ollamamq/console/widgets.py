@@ -271,6 +271,9 @@ class Row:
 
 
 def _mark(marks: dict[str, str], name: str) -> tuple[str, str]:
+    """
+    A marker's markup: its attribute and glyph.
+    """
     return (name, marks[name])
 
 
@@ -305,6 +308,9 @@ def backendRows(backends: Iterable[dict], expanded: set[str], utf8: bool = True)
 
 
 def _userMarkup(u: dict, marks: dict[str, str], extraWait: float) -> list[Any]:
+    """
+    The markup of one Users row (see L{userRows}).
+    """
     ident = str(u.get("id", "?"))
     shown = userMarks(u)
     glyphs: list[Any] = [_mark(marks, m) for m in shown]
@@ -463,9 +469,15 @@ class _RowWalker(urwid.ListWalker):
         self._modified()
 
     def __len__(self) -> int:
+        """
+        The number of rows (at least one: the "(none)" line).
+        """
         return max(1, len(self.panel.entries))
 
     def __getitem__(self, position: int) -> urwid.Widget:
+        """
+        The widget of row C{position}, built on first use.
+        """
         if not 0 <= position < len(self):
             raise IndexError(position)
         widget = self._widgets.get(position)
@@ -474,16 +486,25 @@ class _RowWalker(urwid.ListWalker):
         return widget
 
     def next_position(self, position: int) -> int:
+        """
+        The row after C{position}; L{IndexError} at the end.
+        """
         if position + 1 >= len(self):
             raise IndexError(position)
         return position + 1
 
     def prev_position(self, position: int) -> int:
+        """
+        The row before C{position}; L{IndexError} at the start.
+        """
         if position <= 0:
             raise IndexError(position)
         return position - 1
 
     def set_focus(self, position: int) -> None:
+        """
+        Focus row C{position} (the ListBox scrolls to keep it in view).
+        """
         self.focus = position
         self._modified()
 
@@ -545,12 +566,18 @@ class Panel(urwid.WidgetWrap):
         return None if index is None else self.entries[index]
 
     def _index(self) -> int | None:
+        """
+        The selected row's index, or L{None}.
+        """
         for index, row in enumerate(self.entries):
             if row.key == self.selected:
                 return index
         return None
 
     def _widgetAt(self, position: int) -> urwid.Widget:
+        """
+        Build the widget of row C{position}.
+        """
         if not self.entries:
             return urwid.Text(("dim", "  (none)"))
         row = self.entries[position]
@@ -561,6 +588,9 @@ class Panel(urwid.WidgetWrap):
         return urwid.AttrMap(text, "focus" if self.active else "selected")
 
     def _refresh(self) -> None:
+        """
+        Update the title and let the list rebuild its visible rows.
+        """
         count = f"{len(self.entries)}" if self.total in (None, len(self.entries)) else (
             f"{len(self.entries)} of {self.total}")
         self._title.set_text(f" {TITLES.get(self.name, self.name)} ({count})  {self.heading}")
@@ -686,6 +716,9 @@ class ConsoleView(urwid.WidgetWrap):
     # --- rendering ---
 
     def _fill(self) -> None:
+        """
+        Rebuild every panel and the header from the snapshot and the filter.
+        """
         snap = self.snapshot
         users = [u for u in snap.get("users") or [] if self._matches(u.get("id"))]
         queue = [q for q in snap.get("queue") or [] if self._matches(q.get("user"))]
@@ -709,15 +742,24 @@ class ConsoleView(urwid.WidgetWrap):
         self._renderHeader()
 
     def _matches(self, ident: Any) -> bool:
+        """
+        Whether an id passes the filter.
+        """
         return not self.filter or self.filter.lower() in str(ident).lower()
 
     def _renderHeader(self) -> None:
+        """
+        Redraw the header's text and history from the last rates.
+        """
         requestRate, tokenRate, history = self._rates
         self._header.set_text(headerMarkup(self.snapshot, requestRate, tokenRate, self._uptime,
                                            self._uptimeLabel))
         self._spark.setValues(history[-HISTORY:])
 
     def _renderEvents(self) -> None:
+        """
+        Show the newest three events in the strip.
+        """
         lines: list[Any] = []
         for when, event in list(self.events)[-3:]:
             stamp = time.strftime("%H:%M:%S", time.localtime(when))
@@ -748,6 +790,9 @@ class ConsoleView(urwid.WidgetWrap):
         return self._commandKey(key)
 
     def _commandKey(self, key: str) -> str | None:
+        """
+        Navigation and action keys; an unknown key is returned.
+        """
         panel = self.panels[self.current]
         if key in ("j", "down"):
             panel.move(1)
@@ -786,6 +831,10 @@ class ConsoleView(urwid.WidgetWrap):
         self.panels[self.current].setActive(True)
 
     def _selectedUser(self) -> dict | None:
+        """
+        The user the selection stands for: in Users the row, in Queue the
+        request's user, in Blocked a blocked user; else L{None}.
+        """
         row = self.panels[self.current].selectedRow()
         if row is None:
             return None
@@ -801,6 +850,9 @@ class ConsoleView(urwid.WidgetWrap):
         return None
 
     def _actionKey(self, key: str) -> None:
+        """
+        The keys that act on the selection: d, c, u and the user keys.
+        """
         if key == "d":
             row = self.panels["backends"].selectedRow() if self.current == "backends" else None
             if row is None:
@@ -858,6 +910,9 @@ class ConsoleView(urwid.WidgetWrap):
             self._act(Action("blockIP", {"ip": ip}, f"block IP {ip}"))
 
     def _unblock(self) -> None:
+        """
+        u: unblock the selected Blocked entry, or the selected user.
+        """
         if self.current == "blocked":
             row = self.panels["blocked"].selectedRow()
             if row is None:
@@ -876,6 +931,9 @@ class ConsoleView(urwid.WidgetWrap):
         self._act(Action("unblock", {"user": user["id"]}, f"unblock user {user['id']}"))
 
     def _toggleExpand(self) -> None:
+        """
+        Space/Enter on a backend: show or hide its model list.
+        """
         if self.current != "backends":
             return
         row = self.panels["backends"].selectedRow()
@@ -885,6 +943,9 @@ class ConsoleView(urwid.WidgetWrap):
         self._fill()
 
     def _act(self, action: Action) -> None:
+        """
+        Show that an action is on its way, and hand it to the controller.
+        """
         if action.label:
             self.showStatus(f"{action.label}...")
         self.onAction(action)
@@ -892,21 +953,33 @@ class ConsoleView(urwid.WidgetWrap):
     # --- prompts and overlays ---
 
     def _openPrompt(self, widget: urwid.Widget) -> None:
+        """
+        Put C{widget} where the status line is, with the keys going to the view.
+        """
         self._prompt = widget
         self._footer.contents[-1] = (widget, self._footer.options())
         self._footer.focus_position = len(self._footer.contents) - 1
         self._frame.focus_position = "footer"
 
     def _closePrompt(self) -> None:
+        """
+        Put the status line back.
+        """
         self._prompt = None
         self._footer.contents[-1] = (self._statusMap, self._footer.options())
         self._frame.focus_position = "body"
 
     def _openFilter(self) -> None:
+        """
+        /: edit the filter in the prompt line.
+        """
         self._filterEdit = urwid.Edit(("prompt", " filter users: "), self.filter)
         self._openPrompt(self._filterEdit)
 
     def _filterKey(self, size: tuple[int, ...], key: str) -> str | None:
+        """
+        A key while the filter is edited: Enter keeps it, Esc clears it, others edit.
+        """
         edit = self._filterEdit
         assert edit is not None
         if key == "esc":
@@ -925,11 +998,17 @@ class ConsoleView(urwid.WidgetWrap):
         return None
 
     def _openHelp(self) -> None:
+        """
+        ?: the key reference over the screen.
+        """
         box = urwid.LineBox(urwid.AttrMap(urwid.Filler(urwid.Text(HELP), valign="top"), "help"),
                             title="ollamamq console help")
         self._overlay = urwid.Overlay(box, self._frame, "center", 66, "middle", HELP.count("\n") + 3)
         self._w = self._overlay
 
     def _closeOverlay(self) -> None:
+        """
+        Close the help.
+        """
         self._overlay = None
         self._w = self._frame
