@@ -204,15 +204,18 @@ class ConsoleInTerminalTests(_TerminalTestCase):
     async def test_watchAndSteer(self) -> None:
         """
         The console shows the backend and the users who sent requests; p makes the
-        selected user VIP and d drains the backend, both seen in /proxy/status; after
-        the daemon restarts the console says so and attaches again by itself.
+        selected user VIP and d drains the backend, both seen in /proxy/status; a second
+        console sees the VIP and boosts another user, which the first sees; after the
+        daemon restarts the console says so and attaches again by itself.
         """
         simURL, sim = await self.startSimulator("--models", "llama3.2", "--tps", "200",
                                                 "--tokens", "5", "--name", "sim-a")
         control = self.socketPath()
         url, proxy = await self.startDaemon(simURL, control)
         terminal = self.console("one", control)
+        other = self.console("two", control)
         screen = await terminal.waitFor(r"Attached to ")
+        await other.waitFor(r"Attached to ")
         await terminal.waitFor(r"online +ollama")
         for user in ("alice", "bob"):
             await self.request(url, user)
@@ -226,6 +229,13 @@ class ConsoleInTerminalTests(_TerminalTestCase):
             "alice VIP")
         await terminal.waitFor(r"alice: priority vip, weight")
         await terminal.waitFor(r"◆. +alice +vip")
+        # The second console sees it from the daemon's event, and acts in turn.
+        await other.waitFor(r"◆. +alice +vip")
+        other.press("j", "b")
+        await self.waitForStatus(
+            url, lambda s: any(u["id"] == "bob" and u["priority"] == "boost" for u in s["users"]),
+            "bob boosted")
+        await terminal.waitFor(r"▲. +bob +boost")
 
         terminal.press("h", "d")
         await self.waitForStatus(url, lambda s: s["backends"][0]["draining"], "backend draining")
