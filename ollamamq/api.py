@@ -83,6 +83,8 @@ class ProxyAPI:
     # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
     # /proxy/status with the runtime details and the admin routes.
     control: Any = None
+    # The admin HTTP API (ollamamq.control.http.AdminAPI), mounted at /proxy/.
+    admin: Any = None
 
     app = Klein()
 
@@ -163,6 +165,17 @@ class ProxyAPI:
             "active": self.scheduler.active,
         }
         return _jsonResponse(request, payload)
+
+    @app.route("/proxy/", branch=True)
+    def proxyAdmin(self, request: IRequest) -> Any:
+        """
+        The admin API (L{ollamamq.control.http}) below C{/proxy/}; routes of this table
+        with a fixed path (C{/proxy/status}) go first.
+        """
+        if self.admin is None:
+            raise NotFound(f"no route for {request.path.decode('latin-1')}",
+                           code="unknown_route")
+        return self.admin.resource()
 
     # --- aggregated over backends, never queued ---
 

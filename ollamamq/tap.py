@@ -36,6 +36,7 @@ from ollamamq.config import (
 from ollamamq.control.actions import ControlActions
 from ollamamq.control.amp import ReloadFailed
 from ollamamq.control.events import EventHub
+from ollamamq.control.http import AdminAPI
 from ollamamq.control.server import ControlFactory, controlService
 from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
@@ -411,6 +412,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     actions.restore(state)
     api.control = actions
+    api.admin = AdminAPI(
+        actions=actions,
+        hub=hub,
+        identify=lambda headers, peer: api.identity.identify(headers, peer).user,
+    )
     _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
     controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
 

@@ -591,7 +591,9 @@ class ControlActions:
             changed then.
         """
         if self.loadConfig is None:
-            raise ReloadFailed("the daemon was started without --config: nothing to reload")
+            message = "the daemon was started without --config: nothing to reload"
+            log.warn("Reload refused: {message}", message=message)
+            raise ReloadFailed(message)
         try:
             new = self.loadConfig()
         except (ConfigError, ValueError) as e:
