@@ -379,6 +379,18 @@ class AttachTests(ControllerTestCase):
         self.assertEqual(offsets, [0, 2, 4, 6])
         self.assertIn("Users (7)", self.screen())
 
+    def test_longListingsCapped(self) -> None:
+        """
+        Past MAX_USERS the console reads no more users, and says how many there are.
+        """
+        self.patch(app, "MAX_USERS", 3)
+        self.state["pageSize"] = 2
+        self.state["users"].update({f"u{i}": userRow(f"u{i}") for i in range(5)})
+        daemon = self.start()
+        offsets = [args["offset"] for name, args in daemon.received if name == "ListUsers"]
+        self.assertEqual(offsets, [0, 2])
+        self.assertIn("Users (3 of 7)", self.screen())
+
     def test_protocolMismatch(self) -> None:
         """
         A daemon with another protocol version is used, with a warning.

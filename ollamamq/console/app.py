@@ -387,8 +387,9 @@ class ConsoleController:
                 self.state["backends"] = [dict(b) for b in snap["backends"]]
                 self.state["queued"], self.state["active"] = snap["queued"], snap["active"]
             if "users" in stale:
-                rows, _ = await _pages(protocol, commands.ListUsers, "users", MAX_USERS)
+                rows, total = await _pages(protocol, commands.ListUsers, "users", MAX_USERS)
                 self.state["users"] = [dict(u) for u in rows]
+                self.state["users_total"] = total
                 known = {u["id"] for u in rows}
                 self.peers = {k: v for k, v in self.peers.items() if k in known}
             if "queue" in stale:

@@ -726,8 +726,10 @@ class ConsoleView(urwid.WidgetWrap):
         self.panels["users"].heading = (
             f"[filter: {self.filter}]" if self.filter else "w weight, q queued, run running"
         )
-        total = snap.get("queue_total")
-        self.panels["queue"].total = total if isinstance(total, int) and not self.filter else None
+        # Listings longer than the console reads say how many there are in all.
+        for panel, field in (("queue", "queue_total"), ("users", "users_total")):
+            total = snap.get(field)
+            self.panels[panel].total = total if isinstance(total, int) and not self.filter else None
         self.panels["backends"].setRows(backendRows(snap.get("backends") or [], self.expanded, self.utf8))
         self.panels["users"].setRows(userRows(users, self.utf8, extra))
         self.panels["queue"].setRows(queueRows(queue, extra))
