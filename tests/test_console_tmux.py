@@ -330,3 +330,29 @@ class ConsoleInTerminalAloneTests(_TerminalTestCase):
         terminal.press("q")
         await _poll(lambda: _dead(terminal), DEADLINE,
                     lambda: f"console did not quit:\n{terminal.screen()}")
+
+    async def test_permissionDenied(self) -> None:
+        """
+        A console whose user may not open the socket (mode 0600, another owner) says so
+        and how to fix it. Run as root, the console is started as C{nobody}.
+        """
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.protocol import Factory, Protocol
+
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None:
+            raise self.skipTest("needs root and setpriv to run the console as another user")
+        control = self.socketPath()
+        # Others may enter the directory; the socket itself is the daemon's alone.
+        os.chmod(os.path.dirname(control), 0o755)
+        port = await serverFromString(reactor, f"unix:address={control}:mode=600").listen(
+            Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        terminal = Terminal("denied", [
+            setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+            sys.executable, "-m", "ollamamq.console", "--control", control])
+        self.addCleanup(terminal.close)
+        screen = await terminal.waitFor(r"Permission denied on ")
+        await terminal.waitFor(r"or root\.")
+        self.assertIn(f"Permission denied on {control}: run the console as the daemon's user or "
+                      "root.", " ".join(terminal.screen().split()))

@@ -262,6 +262,21 @@ class RenderTests(ViewTestCase):
         self.view.showConnection(None)
         self.assertIn("◆vip", render_text(self.view, SIZE)[1])
 
+    def test_longBannerWraps(self) -> None:
+        """
+        A problem longer than the screen is wide wraps instead of losing its advice.
+        """
+        path = "/run/ollamamq/" + "x" * 40 + "/control.sock"
+        self.view.showConnection(f"Permission denied on {path}: run the console as the daemon's "
+                                 "user or root.")
+        lines = render_text(self.view, SIZE)
+        self.assertEqual(len(lines), 24)
+        self.assertIn("Permission denied on", lines[1])
+        self.assertIn(f"Permission denied on {path}: run the console as the daemon's user or root.",
+                      " ".join(" ".join(lines[1:5]).split()))
+        self.view.showConnection(None)
+        self.assertIn("Backends", render_text(self.view, SIZE)[2])
+
     def test_expandModels(self) -> None:
         """
         Space or Enter on a backend lists all its models (loaded ones starred); again

@@ -707,9 +707,12 @@ class ConsoleView(urwid.WidgetWrap):
         """
         self.connection = problem
         if problem is None:
+            self._legend.set_wrap_mode("clip")
             self._legend.set_text(legend(self.utf8))
             self._legendMap.set_attr_map({None: None})
         else:
+            # The whole explanation matters (what to do about it): wrap, never clip.
+            self._legend.set_wrap_mode("space")
             self._legend.set_text(f" {problem}")
             self._legendMap.set_attr_map({None: "disconnected"})
 
