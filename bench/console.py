@@ -6,7 +6,11 @@ console asks for the users and queue listings at most every REFRESH_INTERVAL how
 events arrive. This measures the console's own side: L{ConsoleController.eventReceived}
 per event (state patch, strip, scheduling) and one redraw (view rebuilt from the mirrored
 state, then rendered at 100x30), for 10 to 2,000 users with up to 200 queued requests.
-Prints a table and writes C{bench/results/console.json}.
+It also times one refresh round as the daemon serves it (Snapshot, every ListUsers page,
+the first ListQueue page) over an in-memory AMP connection to the real control
+responders and scheduler, with the same numbers of users each queueing one request:
+both ends run in this process, so it is an upper bound of the daemon's share. Prints a
+table and writes C{bench/results/console.json}.
 
 Run: C{PYTHONPATH=. python bench/console.py [--quick]}
 """
@@ -65,6 +69,38 @@ def controllerWith(users: int) -> tuple[ConsoleController, ConsoleView, Clock]:
     return controller, view, clock
 
 
+def refreshRound(users: int) -> Callable[[], object]:
+    """
+    One refresh round against the real control server with C{users} queued users.
+    """
+    from twisted.internet.defer import ensureDeferred
+    from twisted.protocols import amp
+    from twisted.test.iosim import connectedServerAndClient
+
+    from ollamamq.console.app import MAX_QUEUE, MAX_USERS, _pages
+    from ollamamq.control import amp as commands
+    from ollamamq.control.server import ControlFactory
+    from tests.controlfixture import ControlFixture
+
+    fixture = ControlFixture(maxQueuedTotal=users + 10)
+    for i in range(users):
+        fixture.enqueue(f"user{i:05d}", requestId=f"r{i}", peer="10.0.0.1")
+    factory = ControlFactory(fixture.actions, fixture.hub)
+    client, server, pump = connectedServerAndClient(lambda: factory.buildProtocol(None), amp.AMP)
+
+    async def fetch() -> None:
+        await client.callRemote(commands.Snapshot)
+        await _pages(client, commands.ListUsers, "users", MAX_USERS)
+        await _pages(client, commands.ListQueue, "requests", MAX_QUEUE)
+
+    def round() -> None:
+        d = ensureDeferred(fetch())
+        pump.flush()
+        assert d.called, "the refresh did not finish"
+
+    return round
+
+
 def timeit(call: Callable[[], object], budget: float) -> float:
     """
     Seconds per call, over at least C{budget} seconds of calls.
@@ -106,6 +142,7 @@ def main(argv: list[str]) -> int:
             ("event policy.changed (last user)", lambda: controller.eventReceived("policy.changed", policy)),
             ("event backend.changed", lambda: controller.eventReceived("backend.changed", backend)),
             ("redraw at 100x30", redraw),
+            ("daemon: one refresh round", refreshRound(users)),
         ):
             seconds = timeit(call, budget)
             results.append({"users": users, "operation": label,
@@ -121,6 +158,9 @@ def main(argv: list[str]) -> int:
     worst = max(r["us_per_op"] for r in results if r["operation"] == "redraw at 100x30")
     print(f"\nworst redraw: {worst / 1000:.1f} ms, i.e. {worst / 1e4 / DRAW_INTERVAL:.1f}% "
           f"of one core at the maximum redraw rate")
+    daemon = max(r["us_per_op"] for r in results if r["operation"].startswith("daemon"))
+    print(f"worst refresh round: {daemon / 1000:.1f} ms, at most every {REFRESH_INTERVAL}s per "
+          f"console under constant events: {daemon / 1e4 / REFRESH_INTERVAL:.1f}% of one core")
 
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "console.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

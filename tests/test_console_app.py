@@ -420,9 +420,60 @@ class AttachTests(ControllerTestCase):
             daemon.push("request.queued", {"id": f"x{i}", "user": "alice", "model": "m",
                                            "peer": "10.0.0.8", "queued": 1})
         self.settle(1.0)
+        # Only the queue's first page is read again, once; alice's count comes from the
+        # events themselves.
         fetched = [name for name, _ in daemon.received[before:]]
-        self.assertEqual(sorted(fetched), ["ListQueue", "ListUsers", "Snapshot"])
+        self.assertEqual(fetched, ["ListQueue"])
         self.assertRegex(self.screen(), r"2 alice +m ")
+        self.assertRegex(self.screen(), r"alice +vip +w1 +q1 ")
+
+    def test_requestEventsCounted(self) -> None:
+        """
+        started, finished and cancelled move the user's and the backend's counts
+        without asking the daemon for users or backends; a user the console does not
+        know yet makes it read the users.
+        """
+        daemon = self.start()
+        before = len(daemon.received)
+        self.state["queue"].clear()
+        daemon.push("request.started", {"id": "r1", "user": "bob", "model": "llama3",
+                                        "backend": "gpu1", "waited": 4.0})
+        self.settle(0.1)
+        text = self.screen()
+        self.assertRegex(text, r"bob +normal +w1 +q0 +run1 +served 1 ")
+        self.assertRegex(text, r"● gpu1 +online +ollama 1/2")
+        self.assertIn("Queue (0)", text)
+        daemon.push("request.finished", {"id": "r1", "user": "bob", "model": "llama3",
+                                         "backend": "gpu1", "duration": 2.0})
+        self.settle(1.0)
+        text = self.screen()
+        self.assertRegex(text, r"bob +normal +w1 +q0 +run0 +served 1 ")
+        self.assertRegex(text, r"● gpu1 +online +ollama 0/2")
+        fetched = {name for name, _ in daemon.received[before:]}
+        self.assertEqual(fetched, {"ListQueue"})
+        self.state["users"]["zoe"] = userRow("zoe", queued=1, priority="vip")
+        daemon.push("request.queued", {"id": "z1", "user": "zoe", "model": "m",
+                                       "peer": "10.0.0.5", "queued": 1})
+        self.settle(1.0)
+        self.assertIn("ListUsers", {name for name, _ in daemon.received[before:]})
+        self.assertRegex(self.screen(), r"zoe +vip")
+
+    def test_resync(self) -> None:
+        """
+        While request events flow, users and backends are read again every
+        RESYNC_INTERVAL (correcting counts events cannot know); when idle, never.
+        """
+        daemon = self.start()
+        before = len(daemon.received)
+        self.settle(app.RESYNC_INTERVAL + 1)
+        self.assertEqual(daemon.received[before:], [])
+        self.state["users"]["bob"]["served"] = 7
+        daemon.push("request.finished", {"id": "x", "user": "bob", "model": "m",
+                                         "backend": "gpu1", "duration": 1.0})
+        self.settle(app.RESYNC_INTERVAL + 1)
+        fetched = [name for name, _ in daemon.received[before:]]
+        self.assertEqual(sorted(fetched), ["ListUsers", "Snapshot"])
+        self.assertRegex(self.screen(), r"bob .* served 7 ")
 
     def test_redrawsAreThrottled(self) -> None:
         """

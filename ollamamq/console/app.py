@@ -40,6 +40,10 @@ from ollamamq.console.widgets import PALETTE, Action, ConsoleView
 # Pushed events mark listings stale; they are fetched again at most this often (seconds).
 REFRESH_INTERVAL = 0.5
 
+# While requests come and go, users and backends are read again this often (seconds);
+# in between, request events are counted into them.
+RESYNC_INTERVAL = 10.0
+
 # The screen is redrawn at most this often (seconds) for pushed updates.
 DRAW_INTERVAL = 0.25
 
@@ -51,7 +55,9 @@ RATE_WINDOW = 5
 
 # At most this many rows of each listing are fetched (the totals are still shown).
 MAX_USERS = 2000
-MAX_QUEUE = commands.PAGE_LIMIT
+# The queue is shown from its first rows (what fits a screen, with room to scroll): it is
+# the listing re-read after request events, so it is kept short.
+MAX_QUEUE = 50
 MAX_BLOCKED = 2000
 
 # Reconnection backoff: the delay after the n-th failed attempt is RETRY_INITIAL * 2**n
@@ -160,6 +166,9 @@ class ConsoleController:
         self.connectedAt: float | None = None
         self.retryDelay: float | None = None
         self._stale: set[str] = set()
+        self._users: dict[str, dict] = {}
+        self._requestEvents = 0
+        self._lastResync = 0.0
         self._refreshCall: IDelayedCall | None = None
         self._refreshing = False
         self._drawCall: IDelayedCall | None = None
@@ -301,16 +310,7 @@ class ConsoleController:
         else:
             self.view.showEvent(dict(data, type=name), time.time())
         if name.startswith("request."):
-            # The backends' active counts and the totals move with requests too.
-            self._stale |= {"users", "queue", "snapshot"}
-            user = data.get("user")
-            if name == "request.queued" and user and data.get("peer"):
-                self.peers[str(user)] = str(data["peer"])
-            if name == "request.finished":
-                self._finished += 1
-                tokens = _tokenCount(data)
-                if tokens is not None:
-                    self._tokens = (self._tokens or 0) + tokens
+            self._requestEvent(name, data)
         elif name == "backend.changed":
             self._patchBackend(data)
         elif name == "policy.changed":
@@ -322,6 +322,58 @@ class ConsoleController:
             self._stale |= {"snapshot", "users", "queue", "blocked"}
         self._scheduleRefresh()
         self.requestDraw()
+
+    def _requestEvent(self, name: str, data: dict) -> None:
+        """
+        Count a request event into the user's and the backend's entries (so a busy
+        daemon is not asked for its whole user list on every request), and mark the
+        queue's first page stale. A user not known yet makes the users be read again;
+        whatever drifts is corrected by the periodic resynchronisation.
+        """
+        self._requestEvents += 1
+        user = str(data.get("user"))
+        entry = self._users.get(user)
+        if entry is None:
+            self._stale.add("users")
+        if name == "request.queued":
+            if data.get("peer"):
+                self.peers[user] = str(data["peer"])
+            if entry is not None and isinstance(data.get("queued"), int):
+                entry["queued"] = data["queued"]
+            self._stale.add("queue")
+            return
+        if name in ("request.started", "request.cancelled"):
+            # It left the queue: drop its row now, the next page read fills up.
+            ident = data.get("id")
+            queue = [q for q in self.state["queue"] if q.get("id") != ident]
+            if len(queue) < len(self.state["queue"]) and self.state.get("queue_total"):
+                self.state["queue_total"] -= 1
+            self.state["queue"] = queue
+            self._stale.add("queue")
+            if entry is not None:
+                entry["queued"] = max(0, entry.get("queued", 0) - 1)
+        if name == "request.started":
+            if entry is not None:
+                entry["active"] = entry.get("active", 0) + 1
+                entry["served"] = entry.get("served", 0) + 1
+            self._countOnBackend(data.get("backend"), 1)
+        elif name == "request.finished":
+            if entry is not None:
+                entry["active"] = max(0, entry.get("active", 0) - 1)
+            self._countOnBackend(data.get("backend"), -1)
+            self._finished += 1
+            tokens = _tokenCount(data)
+            if tokens is not None:
+                self._tokens = (self._tokens or 0) + tokens
+
+    def _countOnBackend(self, name: Any, delta: int) -> None:
+        """
+        Move a backend's active count by C{delta}.
+        """
+        for backend in self.state["backends"]:
+            if backend.get("name") == name:
+                backend["active"] = max(0, backend.get("active", 0) + delta)
+                return
 
     def _patchBackend(self, entry: dict) -> None:
         """
@@ -337,13 +389,14 @@ class ConsoleController:
         """
         Replace (or add) one user entry from an event or answer.
         """
-        users = self.state["users"]
-        for index, user in enumerate(users):
-            if user.get("id") == entry.get("id"):
-                users[index] = dict(user, **entry)
-                return
-        users.append(entry)
-        users.sort(key=lambda u: str(u.get("id")))
+        ident = str(entry.get("id"))
+        user = self._users.get(ident)
+        if user is not None:
+            user.update(entry)
+            return
+        self._users[ident] = user = dict(entry)
+        self.state["users"].append(user)
+        self.state["users"].sort(key=lambda u: str(u.get("id")))
 
     def _patchAddress(self, address: str, blocked: bool) -> None:
         """
@@ -389,7 +442,9 @@ class ConsoleController:
             if "users" in stale:
                 rows, total = await _pages(protocol, commands.ListUsers, "users", MAX_USERS)
                 self.state["users"] = [dict(u) for u in rows]
+                self._users = {u["id"]: u for u in self.state["users"]}
                 self.state["users_total"] = total
+                self._lastResync = self.clock.seconds()
                 known = {u["id"] for u in rows}
                 self.peers = {k: v for k, v in self.peers.items() if k in known}
             if "queue" in stale:
@@ -451,8 +506,16 @@ class ConsoleController:
 
     def _tick(self) -> None:
         """
-        Once a second: sample the rates, advance the history, redraw.
+        Once a second: sample the rates, advance the history, redraw; and while
+        requests come and go, read users and backends again every L{RESYNC_INTERVAL}
+        to correct what counting events cannot know (a retried request, a user's
+        configured policy).
         """
+        if self._requestEvents and self.clock.seconds() - self._lastResync >= RESYNC_INTERVAL:
+            self._requestEvents = 0
+            self._lastResync = self.clock.seconds()
+            self._stale |= {"snapshot", "users"}
+            self._scheduleRefresh()
         self._samples.append((self._finished, self._tokens))
         self._finished = 0
         self._tokens = None
