@@ -496,7 +496,8 @@ class Scheduler:
         # The control plane's view: queued tickets by id, blocked networks by prefix
         # length (an admission check is one set lookup per length), event listeners.
         self._byId: dict[str, _Ticket] = {}
-        self._blockedNets: dict[int, set[IPNetwork]] = {}
+        self._blockedNets: dict[tuple[int, int], set[int]] = {}
+        self._networks: set[IPNetwork] = set()
         self._listeners: list[Callable[[str, dict], None]] = []
         pool.subscribe(self._poolChanged)
 
@@ -734,7 +735,9 @@ class Scheduler:
         Refuse requests whose peer address lies in C{network} with L{Forbidden}; queued
         ones fail with it at once.
         """
-        self._blockedNets.setdefault(network.prefixlen, set()).add(network)
+        self._networks.add(network)
+        key = (network.version, network.prefixlen)
+        self._blockedNets.setdefault(key, set()).add(int(network.network_address))
         # One pass over the queue: an operator action, not a per-request cost.
         for state in list(self._users.values()):
             for queue in list(state.queues.values()):
@@ -752,12 +755,14 @@ class Scheduler:
 
         @return: whether it was blocked.
         """
-        networks = self._blockedNets.get(network.prefixlen)
-        if networks is None or network not in networks:
+        if network not in self._networks:
             return False
-        networks.discard(network)
+        self._networks.discard(network)
+        key = (network.version, network.prefixlen)
+        networks = self._blockedNets[key]
+        networks.discard(int(network.network_address))
         if not networks:
-            del self._blockedNets[network.prefixlen]
+            del self._blockedNets[key]
         return True
 
     def blockedNetworks(self) -> list[IPNetwork]:
@@ -765,11 +770,11 @@ class Scheduler:
         The blocked networks, sorted (IPv4 first).
         """
         return sorted(
-            (n for ns in self._blockedNets.values() for n in ns),
+            self._networks,
             key=lambda n: (n.version, n.network_address, n.prefixlen),
         )
 
-    def queuedRequests(self, user: str | None = None) -> list[dict]:
+    def queuedRequests(self, user: str | None = None, limit: int | None = None) -> list[dict]:
         """
         The queued requests in predicted dispatch order: C{{"id", "position", "user",
         "model", "waited", "peer"}}, C{position} 1 going next.
@@ -780,26 +785,19 @@ class Scheduler:
         Requests for a model with no free backend wait while others pass them, so the
         real order can differ across models; within one model and tier it is exact.
 
+        Each user's requests are already in that order, so the users' sequences are
+        merged lazily: the first C{limit} rows cost O(limit log U + U), not a sort of the
+        whole queue.
+
         @param user: only this user's requests (positions still count everyone's).
+        @param limit: at most this many rows (the first ones).
         """
         now = self._clock.seconds()
-        ordered = []
-        for state in self._users.values():
-            if not state.queued:
-                continue
-            tickets = sorted(
-                (t for q in state.queues.values() for t in q.tickets if t.state == _QUEUED),
-                key=lambda t: t.seq,
-            )
-            counter = state.counter
-            weight = state.effectiveWeight
-            for ticket in tickets:
-                ordered.append((state.tier, counter, ticket.seq, ticket))
-                cost = self._estimate(state, ticket.job.model) if self._timeShare else REQUEST_COST
-                counter += cost / weight
-        ordered.sort(key=lambda e: e[:3])
-        result = []
-        for position, (_, _, _, ticket) in enumerate(ordered, 1):
+        result: list[dict] = []
+        if limit is not None and limit <= 0:
+            return result
+        sequences = [self._predicted(state) for state in self._users.values() if state.queued]
+        for position, (_, _, _, ticket) in enumerate(heapq.merge(*sequences), 1):
             job = ticket.job
             if user is not None and job.user != user:
                 continue
@@ -813,7 +811,25 @@ class Scheduler:
                     "peer": job.peer,
                 }
             )
+            if limit is not None and len(result) >= limit:
+                break
         return result
+
+    def _predicted(self, state: _User) -> Iterator[tuple[int, float, int, _Ticket]]:
+        """
+        A user's queued tickets in arrival order, each with its predicted start:
+        C{(tier, start counter, seq, ticket)}, increasing.
+        """
+        tier = state.tier
+        counter = state.counter
+        weight = state.effectiveWeight
+        queues = [
+            ((t.seq, t) for t in q.tickets if t.state == _QUEUED) for q in state.queues.values()
+        ]
+        for seq, ticket in heapq.merge(*queues, key=lambda e: e[0]):
+            yield (tier, counter, seq, ticket)
+            cost = self._estimate(state, ticket.job.model) if self._timeShare else REQUEST_COST
+            counter += cost / weight
 
     def cancelQueued(self, requestId: str, error: Exception | None = None) -> bool:
         """
@@ -1170,10 +1186,12 @@ class Scheduler:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        for length, networks in self._blockedNets.items():
-            if length <= address.max_prefixlen and ipaddress.ip_network(
-                (address, length), strict=False
-            ) in networks:
+        version = address.version
+        bits = address.max_prefixlen
+        value = int(address)
+        # Integer masks, not ipaddress objects: a few operations per blocked prefix length.
+        for (netVersion, length), networks in self._blockedNets.items():
+            if netVersion == version and (value >> (bits - length)) << (bits - length) in networks:
                 return True
         return False
 

@@ -269,11 +269,21 @@ class ControlActions:
             raise UnknownUser(f"no user {user!r}")
         return self._userEntry(entry)
 
-    def queue(self, user: str | None = None) -> list[dict]:
+    def queue(self, user: str | None = None, limit: int | None = None) -> list[dict]:
         """
-        Queued requests in predicted dispatch order (see L{Scheduler.queuedRequests}).
+        Queued requests in predicted dispatch order (see L{Scheduler.queuedRequests}),
+        the first C{limit} of them.
         """
-        return self.scheduler.queuedRequests(user)
+        return self.scheduler.queuedRequests(user, limit)
+
+    def queuedCount(self, user: str | None = None) -> int:
+        """
+        How many requests are queued (for C{user}).
+        """
+        if user is None:
+            return self.scheduler.queued
+        entry = self.scheduler.user(user)
+        return 0 if entry is None else entry["queued"]
 
     def blocked(self) -> list[dict]:
         """
@@ -373,8 +383,8 @@ class ControlActions:
         base = configured if configured is not None else UserConfig()
         override = self._users.get(user)
         if override is None or override.isEmpty():
-            if configured is None and self.scheduler.user(user) is None:
-                return
+            # Also makes an unknown user known (a PUT with nothing to override answers
+            # its entry); it is forgotten again once idle.
             self.scheduler.resetPolicy(
                 user, priority=base.priority, weight=base.weight, maxQueued=base.maxQueued
             )
@@ -560,7 +570,7 @@ class ControlActions:
         for backend in self.pool.backends:
             entry = self._backendEntry(backend)
             seen[backend.name] = entry
-            if self._described.get(backend.name) != entry:
+            if _comparable(self._described.get(backend.name)) != _comparable(entry):
                 self.events.publish("backend.changed", entry)
         for name in self._described:
             if name not in seen:
@@ -686,6 +696,16 @@ class ControlActions:
                 else:
                     changes.append(f"{field.name} changed")
         return sorted(changes)
+
+
+def _comparable(entry: dict | None) -> dict | None:
+    """
+    A backend entry without the probe's latency, which changes every round and is not
+    news to an operator.
+    """
+    if entry is None:
+        return None
+    return {k: v for k, v in entry.items() if k != "latency"}
 
 
 def checkedNames(values: Iterable[Any]) -> list[str]:

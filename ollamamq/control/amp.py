@@ -301,8 +301,9 @@ class ListBlocked(amp.Command):
 class SetUser(amp.Command):
     """
     Change a user's policy at runtime; arguments left out stay as they are. The change is
-    persisted and wins over the config until L{ClearUser}. C{maxQueued=0} goes back to
-    the server-wide limit. Blocking answers the user's queued requests with 403 at once
+    persisted and wins over the config until L{ClearUser}. C{maxQueued=0} drops the
+    runtime limit: the config's (or the server-wide) limit applies again;
+    C{blocked=False} lifts a runtime block. Blocking answers the user's queued requests with 403 at once
     and refuses new ones with 403. An unknown user is created (so a policy can be set
     before the user's first request).
 
@@ -380,8 +381,8 @@ class AddBackend(amp.Command):
 class RemoveBackend(amp.Command):
     """
     Remove a backend: it takes nothing new, requests running on it finish, requests only
-    it could serve get 503. Persisted (a configured backend stays removed until the
-    config is reloaded with it or the removal is cleared by adding it again).
+    it could serve get 503. Persisted: a configured backend stays removed across restarts
+    and reloads until it is added again (L{AddBackend} with its URL).
 
     Errors: L{UnknownBackend}.
     """

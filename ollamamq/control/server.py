@@ -160,11 +160,10 @@ class ControlProtocol(amp.AMP):
             "backends": [_backendRow(b) for b in snap["backends"]],
         }
 
-    def _page(
-        self, rows: list[dict], key: str, spec: list, offset: int | None, limit: int | None
-    ) -> dict:
+    @staticmethod
+    def _window(offset: int | None, limit: int | None) -> tuple[int, int]:
         """
-        One page of C{rows} under C{key}, cut to fit in one AMP value.
+        A page's offset and row limit, defaulted and checked.
 
         @raise InvalidValue: for a negative offset or a limit below 1.
         """
@@ -174,13 +173,31 @@ class ControlProtocol(amp.AMP):
             raise InvalidValue(f"offset: expected 0 or more, got {offset}")
         if limit < 1:
             raise InvalidValue(f"limit: expected 1 or more, got {limit}")
-        limit = min(limit, PAGE_LIMIT)
+        return offset, min(limit, PAGE_LIMIT)
+
+    def _page(
+        self,
+        rows: list[dict],
+        key: str,
+        spec: list,
+        offset: int | None,
+        limit: int | None,
+        total: int | None = None,
+    ) -> dict:
+        """
+        One page of C{rows} (all rows, or the first ones when C{total} says how many
+        there are) under C{key}, cut to fit in one AMP value.
+
+        @raise InvalidValue: for a negative offset or a limit below 1.
+        """
+        offset, limit = self._window(offset, limit)
+        total = len(rows) if total is None else total
         page = rows[offset : offset + limit]
         encoder = amp.AmpList(spec)
         while len(page) > 1 and len(encoder.toStringProto(page, self)) > MAX_VALUE:
             page = page[: len(page) // 2]
         end = offset + len(page)
-        return {key: page, "total": len(rows), "next": end if end < len(rows) else None}
+        return {key: page, "total": total, "next": end if end < total else None}
 
     @commands.ListUsers.responder
     def listUsers(self, offset: int | None = None, limit: int | None = None) -> dict:
@@ -191,8 +208,11 @@ class ControlProtocol(amp.AMP):
     def listQueue(
         self, offset: int | None = None, limit: int | None = None, user: str | None = None
     ) -> dict:
-        rows = [_queueRow(r) for r in self._actions.queue(user)]
-        return self._page(rows, "requests", commands.QUEUE_ROW, offset, limit)
+        start, count = self._window(offset, limit)
+        # Only the rows up to the end of the page are worked out (see queuedRequests).
+        rows = [_queueRow(r) for r in self._actions.queue(user, limit=start + count)]
+        total = self._actions.queuedCount(user)
+        return self._page(rows, "requests", commands.QUEUE_ROW, offset, limit, total)
 
     @commands.ListBlocked.responder
     def listBlocked(self, offset: int | None = None, limit: int | None = None) -> dict:
