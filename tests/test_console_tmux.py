@@ -45,6 +45,8 @@ class Terminal:
         line = " ".join(f"{k}={_quote(v)}" for k, v in env.items())
         line = f"env -i {line} " + " ".join(_quote(a) for a in command)
         self.tmux("new-session", "-d", "-s", name, "-x", str(cols), "-y", str(rows), line)
+        # kill-server leaves its socket file behind: remembered, removed in close().
+        self.socket = self.tmux("display-message", "-p", "-t", name, "#{socket_path}").strip()
         # Keep the pane after the program exits, so a crash can be read.
         self.tmux("set-option", "-t", name, "remain-on-exit", "on")
 
@@ -82,12 +84,14 @@ class Terminal:
 
     def close(self) -> None:
         """
-        Kill the tmux server and the program in it.
+        Kill the tmux server and the program in it, and remove the server's socket.
         """
         try:
             self.tmux("kill-server")
         except (RuntimeError, subprocess.TimeoutExpired):
             pass
+        if self.socket and os.path.exists(self.socket):
+            os.unlink(self.socket)
 
 
 def _quote(value: str) -> str:
@@ -219,8 +223,9 @@ class ConsoleInTerminalTests(_TerminalTestCase):
         await terminal.waitFor(r"online +ollama")
         for user in ("alice", "bob"):
             await self.request(url, user)
-        screen = await terminal.waitFor(r"alice.*\n.*bob")
-        self.assertIn("Users", screen)
+        # In the Users panel (not just in the event strip).
+        await terminal.waitFor(r"Users \(2\)(.|\n)*alice +normal(.|\n)*bob +normal")
+        await other.waitFor(r"Users \(2\)(.|\n)*alice +normal(.|\n)*bob +normal")
 
         # Users is the first panel with keys; alice (first by id) is selected.
         terminal.press("p")
