@@ -50,6 +50,7 @@ are renumbered in merge order (a step already released is never edited).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -213,6 +214,12 @@ def _connect(path: str) -> sqlite3.Connection:
 
     @raise StoreError: as L{migrate}, or when the file cannot be opened.
     """
+    try:
+        # Created private: it will hold keys (see the module docstring); SQLite gives its
+        # -wal and -shm files the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as e:
+        raise StoreError(f"cannot open state file {path}: {e.strerror}") from None
     try:
         # Autocommit mode: migrate() manages its transaction explicitly; adbapi's
         # interactions commit through connection.commit(), a no-op here, and each of

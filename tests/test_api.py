@@ -916,6 +916,31 @@ class MethodTests(SynchronousTestCase):
         response, body = proxy.complete("GET", "/api/nothing")
         self.assertEqual(response.code, 404)
 
+    def test_routerRefusalsShaped(self) -> None:
+        """
+        What the router itself refuses (C{POST /}, which the catch-all route does not
+        match) is a shaped 405 with C{Allow}, not a logged 500.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+        response, body = proxy.complete("POST", "/")
+        self.assertEqual((response.code, response.headers.getRawHeaders(b"allow")),
+                         (405, [b"GET, HEAD"]))
+        self.assertIn("POST is not allowed on /", json.loads(body)["error"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_messagesNeedAnthropicDialect(self) -> None:
+        """
+        C{/v1/messages} goes only to backends that serve the Anthropic API; for a model
+        whose backends do not, the client is told so with a 404, not a 503.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+        response, body = proxy.complete("POST", "/v1/messages",
+                                        {"model": "llama3", "max_tokens": 5, "messages": []})
+        self.assertEqual(response.code, 404)
+        error = json.loads(body)["error"]
+        self.assertEqual(error["type"], "not_found_error")
+        self.assertIn("Anthropic Messages API", error["message"])
+
 
 class ControlMountTests(SynchronousTestCase):
     """

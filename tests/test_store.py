@@ -5,7 +5,9 @@ round trips of every override, and queries off the reactor thread.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 
 from twisted.internet import reactor
@@ -35,13 +37,15 @@ class LoadTests(SynchronousTestCase):
 
     def test_newFile(self) -> None:
         """
-        A missing file is created at the current version, in WAL mode, and is empty.
+        A missing file is created mode 0600 at the current version, in WAL mode, and is
+        empty.
         """
         self.assertEqual(loadState(self.path), State())
         connection = sqlite3.connect(self.path)
         self.addCleanup(connection.close)
         self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
 
     def test_migrateFromVersion1(self) -> None:
         """
