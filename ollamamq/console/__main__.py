@@ -7,4 +7,6 @@ import sys
 
 from ollamamq.console.app import main
 
-sys.exit(main())
+# Guarded: importing the package's modules (as tests and tools do) must not start it.
+if __name__ == "__main__":
+    sys.exit(main())
