@@ -319,8 +319,9 @@ class ConsoleInTerminalAloneTests(_TerminalTestCase):
 
         port = await serverFromString(reactor, f"unix:address={control}:mode=600").listen(DaemonFactory())
         self.addCleanup(port.stopListening)
-        screen = await terminal.waitFor(r"Attached to ")
-        self.assertRegex(screen, r"● gpu1 +online")
+        await terminal.waitFor(r"Attached to ")
+        # The state is read just after attaching.
+        screen = await terminal.waitFor(r"● gpu1 +online(.|\n)*Users \(2\)")
         self.assertIn("◆vip", screen)
         lines = screen.splitlines()
         self.assertEqual(len(lines), 24)
