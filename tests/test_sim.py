@@ -1111,7 +1111,7 @@ class MainTests(SynchronousTestCase):
         """
         code, err = self.runMain(["--api", "bogus"])
         self.assertEqual(code, 2)
-        self.assertIn("--api must be one of ollama, openai, not 'bogus'", err)
+        self.assertIn("--api must be one of ollama, openai, llama-server, not 'bogus'", err)
 
     def test_badNumbers(self) -> None:
         """
