@@ -48,6 +48,10 @@ class Backend:
     @ivar loaded: canonical keys of the models it has in memory.
     @ivar active: requests the proxy is running on it now.
     @ivar draining: finishing what it runs, taking nothing new.
+    @ivar slotsFromBackend: the config set no C{slots}: take what the backend reports
+        (llama-server's C{total_slots}), keeping C{slots} meanwhile.
+    @ivar server: the server software its answers name (C{"llama-server"},
+        C{"lmstudio"}, C{"vllm"}), when recognised.
     """
 
     name: str
@@ -62,6 +66,8 @@ class Backend:
     error: str | None = None
     active: int = 0
     draining: bool = False
+    slotsFromBackend: bool = False
+    server: str | None = None
 
     @property
     def online(self) -> bool:
@@ -115,6 +121,7 @@ class Backend:
             "version": self.version,
             "latency": self.latency,
             "error": self.error,
+            "server": self.server,
         }
 
 
