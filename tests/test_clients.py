@@ -124,11 +124,14 @@ class ClientMatrix:
         (llama-server without C{--embeddings}): then the proxy must relay its refusal.
     @cvar speaksOllama: whether the backend serves C{/api/*}; Ollama clients on OpenAI-only
         backends need protocol translation (the C{translate} work of issue 12).
+    @cvar speaksAnthropic: whether the proxy sees the backend serve the Anthropic Messages
+        API natively (Ollama from 0.14, llama-server); others need translation.
     """
 
     model = GEMMA_MODEL
     embedModel: str | None = "nomic-embed-text"
     speaksOllama = False
+    speaksAnthropic = True
 
     async def startBackend(self) -> str:
         """
@@ -186,6 +189,8 @@ class ClientMatrix:
         The anthropic client completes a message, a streamed message (text deltas, a
         final message with usage) and a token count.
         """
+        if not self.speaksAnthropic:
+            raise SkipTest("Anthropic clients on an OpenAI-only backend need translation (issue 12)")
         url = await self.startStack()
         found = await threaded(anthropicSession, url, self.model)
         t: Any = self
@@ -228,8 +233,10 @@ class OllamaSimulatorClients(ClientMatrix, ProcessTestCase):
     speaksOllama = True
 
     async def startBackend(self) -> str:
+        # Ollama serves /v1/messages from 0.14 on, and the proxy goes by the version.
         url, _ = await self.startSimulator(
-            "--models", f"{self.model},nomic-embed-text", "--tps", "0", "--tokens", "6"
+            "--models", f"{self.model},nomic-embed-text", "--tps", "0", "--tokens", "6",
+            "--version", "0.14.0",
         )
         return url
 
@@ -238,6 +245,8 @@ class OpenAISimulatorClients(ClientMatrix, ProcessTestCase):
     """
     The clients against the simulator in its OpenAI-only mode (vLLM-like).
     """
+
+    speaksAnthropic = False
 
     async def startBackend(self) -> str:
         url, _ = await self.startSimulator(

@@ -463,6 +463,64 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
+class TimeoutTests(SynchronousTestCase):
+    """
+    The two timeouts of a body being relayed: first byte, then idle; neither runs while
+    the client is what paused the transfer.
+    """
+
+    def start(self, firstByte: float = 60, idle: float = 5) -> tuple[Any, Any, Any, Clock]:
+        channel = HTTPChannel()
+        channel.makeConnection(StringTransport())
+        request = Request(channel)
+        request.method = b"POST"
+        request.uri = request.path = b"/api/generate"
+        request.clientproto = b"HTTP/1.1"
+        clock = Clock()
+        response = FakeResponse(b"application/x-ndjson")
+        done = Relay(None, clock, idle, firstByte).stream(request, response, OLLAMA)
+        return channel, response, done, clock
+
+    def test_firstByteThenIdle(self) -> None:
+        """
+        Before the first body byte the first-byte timeout applies (a model loading after
+        the headers were sent), after it the idle timeout.
+        """
+        channel, response, done, clock = self.start()
+        clock.advance(59)
+        self.assertEqual(response.transport.state, "producing")
+        response.protocol.dataReceived(b'{"response": "a"}\n')
+        clock.advance(4.9)
+        self.assertEqual(response.transport.state, "producing")
+        clock.advance(0.2)
+        self.assertEqual(response.transport.state, "stopped")
+        from twisted.internet.error import ConnectionLost
+
+        # What stopping the backend transport ends with.
+        response.protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(done)
+        self.assertIn(b"sent nothing for 5s mid-stream", channel.transport.value())
+        self.flushLoggedErrors()
+
+    def test_noTimeoutWhileClientPaused(self) -> None:
+        """
+        While the client's side has paused the backend (backpressure), the backend's
+        silence is ours, and no timeout runs; once resumed, the idle timeout starts over.
+        """
+        channel, response, done, clock = self.start()
+        response.protocol.dataReceived(b'{"response": "a"}\n')
+        channel.pauseProducing()
+        clock.advance(3600)
+        self.assertEqual(response.transport.state, "paused")
+        channel.resumeProducing()
+        clock.advance(4.9)
+        self.assertEqual(response.transport.state, "producing")
+        clock.advance(0.2)
+        self.assertEqual(response.transport.state, "stopped")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.successResultOf(done)
+
+
 class HeaderTests(SynchronousTestCase):
     """
     L{forwardedHeaders} and L{requestHeadersForBackend}.
