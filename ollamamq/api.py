@@ -29,14 +29,20 @@ from ollamamq.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
-    MethodNotAllowed,
     NotFound,
     ProxyError,
     Unavailable,
     writeError,
 )
 from ollamamq.forward import Forwarder, Outgoing
-from ollamamq.front import KNOWN_METHODS, FrontResource, FrontRules, dialectsFor, familyFor
+from ollamamq.front import (
+    KNOWN_METHODS,
+    FrontResource,
+    FrontRules,
+    dialectsFor,
+    familyFor,
+    wrongMethod,
+)
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, requestHeadersForBackend
@@ -117,10 +123,7 @@ class ProxyAPI:
         valid = getattr(error, "valid_methods", None)
         if error.code == 405 and valid:
             allowed = [m for m in KNOWN_METHODS if m in valid]
-            path = request.path.decode("latin-1")
-            return self._answer(request, MethodNotAllowed(
-                f"{request.method.decode('latin-1')} is not allowed on {path}; use "
-                + " or ".join(allowed), allowed))
+            return self._answer(request, wrongMethod(request.method, request.path, allowed))
         return self._answer(request, NotFound(
             f"no route for {request.method.decode('latin-1')} "
             f"{request.path.decode('latin-1')}", code="unknown_route"))
@@ -239,9 +242,7 @@ class ProxyAPI:
         if not self.config.allowAllRoutes:
             allowed = self._allowedMethods(request.path)
             if allowed:
-                raise MethodNotAllowed(
-                    f"{request.method.decode('latin-1')} is not allowed on /{rest}; use "
-                    + " or ".join(allowed), allowed)
+                raise wrongMethod(request.method, request.path, allowed)
             raise NotFound(f"no route for {request.method.decode('latin-1')} /{rest}",
                            code="unknown_route")
         job, outgoing = self._prepare(request, self._readBody(request), requireModel=False)

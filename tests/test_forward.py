@@ -14,7 +14,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http import HTTPChannel, Request
+from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 
 from ollamamq.backends import OLLAMA, Backend, BackendPool
@@ -25,6 +25,7 @@ from ollamamq.models import ModelCatalog
 from ollamamq.relay import Relay
 from ollamamq.scheduler import Job, Scheduler
 from ollamamq.sim.server import Simulator, SimulatorOptions
+from tests.test_relay import connectedRequest
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -56,16 +57,10 @@ class Fixture:
 
     def clientRequest(self) -> tuple[Request, StringTransport]:
         """
-        A client request on a connected channel, as twisted.web hands it to a route.
+        A client request on a connected channel, and the channel's transport.
         """
-        channel = HTTPChannel()
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        request = Request(channel)
-        request.method = b"POST"
-        request.uri = request.path = b"/api/chat"
-        request.clientproto = b"HTTP/1.1"
-        return request, transport
+        channel, request = connectedRequest(b"/api/chat")
+        return request, channel.transport
 
     def outgoing(self, body: dict, requested: str = "llama3") -> Outgoing:
         resolution = self.catalog.resolve(requested)
