@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_clients -*-
 """
 The client matrix: the official C{openai}, C{anthropic} and C{ollama} Python clients,
 through a real proxy process, against each kind of backend: the simulator in its Ollama,
