@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -46,7 +47,10 @@ from ollamamq.front import (
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, requestHeadersForBackend
+from ollamamq.metrics import Metrics, renderMetrics
+from ollamamq.requestlog import GROUPS, RequestLog, usageTotals
 from ollamamq.scheduler import Job, Scheduler
+from ollamamq.web.page import statusPage
 
 OLLAMA_ONLY = frozenset({OLLAMA_API})
 
@@ -73,6 +77,54 @@ def _peerHost(request: IRequest) -> str:
     return getattr(request.getClientAddress(), "host", None) or "local"
 
 
+def _when(name: str, value: str) -> float:
+    """
+    A time parameter: Unix seconds, or an ISO 8601 date or date-time (UTC unless it has
+    an offset).
+    """
+    from datetime import datetime, timezone
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {value!r}",
+                         code="invalid_parameter") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def usageFilters(args: dict[bytes, list[bytes]]) -> dict[str, Any]:
+    """
+    The filters of C{GET /proxy/usage} from its query arguments, checked.
+
+    @raise BadRequest: for an unknown group, a bad time, or an unknown parameter.
+    """
+    known = {"since", "until", "user", "model", "group"}
+    values: dict[str, str] = {}
+    for raw, given in args.items():
+        name = raw.decode("utf-8", "replace")
+        if name not in known:
+            raise BadRequest(f"unknown parameter {name!r} (known: {', '.join(sorted(known))})",
+                             code="invalid_parameter")
+        values[name] = given[-1].decode("utf-8", "replace")
+    group = values.get("group", "user")
+    if group not in GROUPS:
+        raise BadRequest(f"group: expected one of {', '.join(GROUPS)}, got {group!r}",
+                         code="invalid_parameter")
+    return {
+        "since": _when("since", values["since"]) if "since" in values else None,
+        "until": _when("until", values["until"]) if "until" in values else None,
+        "user": values.get("user"),
+        "model": values.get("model"),
+        "group": group,
+    }
+
+
 @attrs.define
 class ProxyAPI:
     """
@@ -86,6 +138,10 @@ class ProxyAPI:
     identity: IdentityResolver
     catalog: ModelCatalog
     aggregator: Aggregator
+    metrics: Metrics | None = None
+    # The store's runInteraction (the request log's database), for GET /proxy/usage.
+    runQuery: Callable[..., Any] | None = None
+    requestLog: RequestLog | None = None
     # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
     # /proxy/status with the runtime details and the admin routes.
     control: Any = None
@@ -175,15 +231,69 @@ class ProxyAPI:
         Backends, users and queues, as documented in DESIGN.md section 4.
         """
         if self.control is not None:
-            return _jsonResponse(request, self.control.status())
-        payload = {
-            "backends": [b.describe() for b in self.pool.backends],
-            "users": self.scheduler.snapshot(),
-            "blocked_ips": [],
-            "queued": self.scheduler.queued,
-            "active": self.scheduler.active,
-        }
+            payload = self.control.status()
+        else:
+            payload = {
+                "backends": [b.describe() for b in self.pool.backends],
+                "users": self.scheduler.snapshot(),
+                "blocked_ips": [],
+                "queued": self.scheduler.queued,
+                "active": self.scheduler.active,
+            }
+        if self.metrics is not None:
+            self.metrics.addTokens(payload["users"])
         return _jsonResponse(request, payload)
+
+    @app.route("/metrics", methods=["GET"])
+    def metricsRoute(self, request: IRequest) -> bytes:
+        """
+        Prometheus metrics; the admin key is needed when C{metrics_public = false}.
+        """
+        if self.metrics is None:
+            raise NotFound("metrics are not enabled", code="unknown_route")
+        if not self.config.metricsPublic:
+            self._checkAdmin(request)
+        return renderMetrics(self.metrics.registry, request)
+
+    @app.route("/proxy/ui", methods=["GET"])
+    def ui(self, request: IRequest) -> bytes:
+        """
+        The live status page (static; it reads C{/proxy/status} and C{/proxy/events}).
+        """
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        # It loads nothing from elsewhere, and nobody should frame it.
+        request.setHeader(b"content-security-policy",
+                          b"default-src 'self'; script-src 'unsafe-inline'; "
+                          b"style-src 'unsafe-inline'; frame-ancestors 'none'")
+        request.setHeader(b"cache-control", b"no-cache")
+        return statusPage()
+
+    @app.route("/proxy/queue/me", methods=["GET"])
+    def queueMe(self, request: IRequest) -> bytes:
+        """
+        The caller's own queued requests with their places and estimated starts, the
+        caller identified as its requests are; nobody else's.
+        """
+        who = self.identity.identify(request.requestHeaders, _peerHost(request))
+        return _jsonResponse(request, {"user": who.user,
+                                       "requests": self.scheduler.queuedFor(who.user)})
+
+    @app.route("/proxy/usage", methods=["GET"])
+    async def usage(self, request: IRequest) -> bytes:
+        """
+        Totals from the request log (admin): C{since}, C{until} (Unix seconds or ISO 8601
+        dates/times, UTC unless they say otherwise), C{user}, C{model}, C{group}.
+        """
+        self._checkAdmin(request)
+        if self.runQuery is None:
+            raise NotFound("the request log is not enabled", code="unknown_route")
+        filters = usageFilters(request.args)
+        if self.requestLog is not None:
+            # Include the requests that finished since the last batch.
+            await self.requestLog.flush()
+        rows = await self.runQuery(usageTotals, **filters)
+        return _jsonResponse(request, {"group": filters["group"], "since": filters["since"],
+                                       "until": filters["until"], "totals": rows})
 
     @app.route("/proxy/", branch=True)
     def proxyAdmin(self, request: IRequest) -> Any:

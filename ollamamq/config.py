@@ -118,6 +118,12 @@ class Config:
     adminKey: str | None = None
     users: Mapping[str, UserConfig] = attrs.field(factory=dict)
     models: Mapping[str, ModelRule] = attrs.field(factory=dict)
+    # Observability: /metrics without the admin key, how many users get a metrics label
+    # of their own, how long request log rows are kept (None: forever), log lines' format.
+    metricsPublic: bool = True
+    metricsTopUsers: int = 50
+    logRetentionDays: float | None = 30.0
+    logFormat: str = "text"
 
 
 # --- value checkers: each takes the dotted key (for the message) and the raw value ---
@@ -241,7 +247,22 @@ _SERVER_KEYS: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = {
     "trust_user_header": ("trustUserHeader", _bool),
     "trusted_proxies": ("trustedProxies", _networks),
     "admin_key": ("adminKey", _string),
+    "metrics_public": ("metricsPublic", _bool),
+    "metrics_top_users": ("metricsTopUsers", _positiveInt),
+    "log_retention_days": ("logRetentionDays", _positiveNumber),
+    "log_format": ("logFormat", lambda key, value: logFormat(key, value)),
 }
+
+LOG_FORMATS = ("text", "json")
+
+
+def logFormat(key: str, value: Any) -> str:
+    """
+    Check a log format name (C{text} or C{json}).
+    """
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value
 
 
 def _priority(key: str, value: Any) -> str:

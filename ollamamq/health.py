@@ -341,9 +341,12 @@ class HealthChecker:
     Probes the backends of a pool and records what it finds there.
 
     @ivar stopped: set while the service is stopped; cancelled probes then record nothing.
+    @ivar onProbe: called with each probed backend and its probe's latency in seconds, or
+        L{None} when it failed (for metrics).
     """
 
     log = Logger()
+    onProbe: Callable[[Backend, float | None], None] = staticmethod(lambda backend, latency: None)
 
     def __init__(
         self,
@@ -571,6 +574,7 @@ class HealthChecker:
             # Removed while we asked: writing would notify subscribers about a backend
             # nobody can use, and a name reused since must not get our stale answer.
             return
+        self.onProbe(backend, finding.latency if finding.kind is not None else None)
         before = backend.state
         if finding.loading:
             self._loading(backend, backend.error)

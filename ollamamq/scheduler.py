@@ -646,6 +646,44 @@ class Scheduler:
         """
         return [self._describe(u) for u in sorted(self._users.values(), key=lambda u: u.id)]
 
+    def queuedByBackend(self) -> dict[str, int]:
+        """
+        For each backend (by name), how many queued requests it could serve (a request
+        that several backends serve counts for each). For metrics, read at scrape time:
+        O(users x classes).
+        """
+        counts = {b.name: 0 for b in self._pool.backends}
+        perClass: dict[tuple, int] = {}
+        for user in self._users.values():
+            for key, queue in user.queues.items():
+                if queue.live:
+                    perClass[key] = perClass.get(key, 0) + queue.live
+        for key, count in perClass.items():
+            cls = self._classes.get(key)
+            if cls is None:
+                continue
+            for backend in self._pool.backends:
+                if cls.servedBy(backend):
+                    counts[backend.name] += count
+        return counts
+
+    def queuedFor(self, user: str) -> list[dict]:
+        """
+        One user's queued requests as in L{queuedRequests} (positions among everyone's),
+        each with C{"estimated_start"}: seconds from now until it should start, the
+        requests ahead of it divided by the slots of the available backends that have its
+        model, times the mean lease duration so far; L{None} while no such backend is
+        available.
+        """
+        mean = self._meanLease if self._meanLease is not None else DEFAULT_ESTIMATE
+        found = self.queuedRequests(user)
+        for entry in found:
+            model = entry["model"]
+            slots = sum(b.slots for b in self._pool.backends
+                        if b.available and (model is None or model in b.models))
+            entry["estimated_start"] = ((entry["position"] - 1) // slots) * mean if slots else None
+        return found
+
     def stop(self) -> None:
         """
         Refuse new work with L{Unavailable} C{"shutting down"} and fail every queued

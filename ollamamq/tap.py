@@ -32,6 +32,7 @@ from ollamamq.config import (
     backendsFromURLs,
     buildConfig,
     loadConfigFile,
+    logFormat,
 )
 from ollamamq.control.actions import ControlActions
 from ollamamq.control.amp import ReloadFailed
@@ -42,9 +43,12 @@ from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog
+from ollamamq.metrics import Metrics
 from ollamamq.relay import Relay
+from ollamamq.requestlog import RequestLog
 from ollamamq.scheduler import Scheduler
 from ollamamq.store import Store, StoreError, StoreService, loadState
+from ollamamq.tracking import Observer
 
 log = Logger()
 
@@ -95,6 +99,8 @@ class Options(usage.Options):
          _seconds],
         ["control", None, None, "AMP control socket path [default: ollamamq.sock]."],
         ["state", None, None, "SQLite state file [default: ollamamq.db]."],
+        ["log-format", None, None, "Log lines as text or json (one JSON object per line) "
+         "[default: text]."],
     ]
 
     def __init__(self) -> None:
@@ -130,6 +136,10 @@ class Options(usage.Options):
             ModelCatalog(self.config.models)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.config.logFormat == "json" and getattr(self, "parent", None) is not None:
+            # twistd starts its log observer after makeService, from its own options (a
+            # name it imports once every option is parsed).
+            self.parent["logger"] = "ollamamq.logs.jsonObserverFactory"
         for description in self.config.listen:
             try:
                 # Parsing only (no reactor: twistd installs the real one later).
@@ -178,6 +188,11 @@ class Options(usage.Options):
         ):
             if self[option] is not None:
                 fields[field] = self[option]
+        if self["log-format"] is not None:
+            try:
+                fields["logFormat"] = logFormat("--log-format", self["log-format"])
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         if self["allow-all-routes"]:
             fields["allowAllRoutes"] = True
         if self["demo"]:
@@ -225,6 +240,17 @@ class _AnnouncedEndpoint:
             return port
 
         return d.addCallback(announce)
+
+
+class _Site(Site):
+    """
+    A site that leaves out twisted.web's access line for proxied requests, which have
+    the proxy's own (L{ollamamq.requestlog.logAccess}) instead: one line per request.
+    """
+
+    def log(self, request: Any) -> None:
+        if not getattr(request, "ollamamqLogged", False):
+            super().log(request)
 
 
 class _DrainService(service.Service):
@@ -362,8 +388,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
+    metrics = Metrics(scheduler, pool, topUsers=config.metricsTopUsers)
+    requestLog = RequestLog(store.runInteraction, reactor,
+                            retentionDays=config.logRetentionDays)
     health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout,
                            downAfter=config.downAfter)
+    health.onProbe = lambda backend, latency: metrics.probed(backend.name, latency)
     relay = Relay(agent, reactor, config.timeout, config.firstByteTimeout, freshAgent)
     forwarder = Forwarder(
         pool=pool,
@@ -374,6 +404,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         # A backend that failed a request is probed again at once: a restart is brief.
         recheck=health.probeSoon,
         downAfter=config.downAfter,
+        observer=Observer(reactor, metrics, requestLog),
     )
     api = ProxyAPI(
         config=config,
@@ -384,6 +415,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
+        metrics=metrics,
+        runQuery=store.runInteraction,
+        requestLog=requestLog,
     )
 
     def reconfigure(new: Config) -> None:
@@ -401,6 +435,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         api.identity.reconfigure(new)
         relay.reconfigure(new)
         health.reconfigure(new)
+        requestLog.retentionDays = new.logRetentionDays
 
     hub = EventHub(reactor, lambda: actions.totals())
     actions = ControlActions(
@@ -424,6 +459,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
 
     _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
+    # Stopped before the store: the request log writes its last batch while stopping.
+    requestLog.setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
     health.service().setServiceParent(top)
     if config.demo:
@@ -434,7 +471,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = Site(api.resource(), reactor=reactor)
+    site = _Site(api.resource(), reactor=reactor)
     site.requestFactory = api.frontRules().requestFactory()
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
