@@ -421,6 +421,7 @@ class ProxyAPI:
     @app.route("/v1/completions", methods=["POST"])
     @app.route("/v1/embeddings", methods=["POST"])
     @app.route("/v1/messages", methods=["POST"])
+    @app.route("/v1/messages/count_tokens", methods=["POST"])
     async def queued(self, request: IRequest) -> None:
         """
         A generation or embedding: wait for a fair turn and a slot, then stream.

@@ -78,6 +78,10 @@ class Backend:
     @ivar loaded: canonical keys of the models it has in memory.
     @ivar active: requests the proxy is running on it now.
     @ivar draining: finishing what it runs, taking nothing new.
+    @ivar slotsFromBackend: the config set no C{slots}: take what the backend reports
+        (llama-server's C{total_slots}), keeping C{slots} meanwhile.
+    @ivar server: the server software its answers name (C{"llama-server"},
+        C{"lmstudio"}, C{"vllm"}), when recognised.
     @ivar failures: failures in a row (probes and requests) since it was last online.
     @ivar unavailableSince: clock time it last left L{ONLINE}, or L{None}.
     @ivar failedAt: clock time of its latest failure, so that a probe that started before
@@ -101,6 +105,8 @@ class Backend:
     error: str | None = None
     active: int = 0
     draining: bool = False
+    slotsFromBackend: bool = False
+    server: str | None = None
     failures: int = 0
     unavailableSince: float | None = None
     failedAt: float | None = None
@@ -185,6 +191,7 @@ class Backend:
             "version": self.version,
             "latency": self.latency,
             "error": self.error,
+            "server": self.server,
         }
 
 
@@ -269,7 +276,8 @@ class BackendPool:
     def setSlots(self, name: str, slots: int) -> Backend:
         """
         Set how many requests a backend runs at once. Lowering it below its active count
-        lets those finish (L{Backend.free} stays at 0 until they do).
+        lets those finish (L{Backend.free} stays at 0 until they do). Slots set so are no
+        longer taken from what the backend reports.
 
         @raise UnknownBackend: when no backend has that name.
         @raise ValueError: for fewer than one slot.
@@ -278,6 +286,7 @@ class BackendPool:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         backend = self.get(name)
         backend.slots = slots
+        backend.slotsFromBackend = False
         self.changed()
         return backend
 

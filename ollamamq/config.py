@@ -45,14 +45,15 @@ class BackendConfig:
 
     @ivar url: base URL, scheme and authority (and optional path prefix), no trailing slash.
     @ivar name: short unique name used in status, metrics and the admin API.
-    @ivar slots: how many requests the proxy runs on it at once.
+    @ivar slots: how many requests the proxy runs on it at once; L{None} (not set): what
+        the backend reports (llama-server's C{/props} C{total_slots}), else 1.
     @ivar apiKey: the backend's own key, sent to it (and to no other) as
         C{Authorization: Bearer}; L{None} when it needs none.
     """
 
     url: str
     name: str
-    slots: int = 1
+    slots: int | None = None
     apiKey: str | None = attrs.field(default=None, repr=False)
 
 

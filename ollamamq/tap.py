@@ -382,14 +382,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # First child: stopped last, after everything that may still save something.
     StoreService(store).setServiceParent(top)
     httpPool = _QuietConnectionPool(reactor, persistent=True)
-    httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
+    httpPool.maxPersistentPerHost = max([b.slots or 1 for b in config.backends] + [4]) * 2
     agent = Agent(reactor, pool=httpPool)
     # For the one retry of a request lost on a stale keep-alive connection.
     freshAgent = Agent(reactor, pool=_QuietConnectionPool(reactor, persistent=False))
     http = HTTPClient(agent)
 
     pool = BackendPool(
-        Backend(name=b.name, url=b.url, slots=b.slots, apiKey=b.apiKey) for b in config.backends
+        Backend(name=b.name, url=b.url, slots=b.slots or 1, slotsFromBackend=b.slots is None,
+                apiKey=b.apiKey)
+        for b in config.backends
     )
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)

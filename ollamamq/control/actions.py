@@ -636,7 +636,9 @@ class ControlActions:
             backend = present.get(configured.name)
             if backend is None:
                 backend = self.pool.add(
-                    Backend(name=configured.name, url=configured.url, slots=configured.slots)
+                    Backend(name=configured.name, url=configured.url,
+                            slots=configured.slots or 1,
+                            slotsFromBackend=configured.slots is None)
                 )
                 self.probe(backend)
             elif override is not None and override.added:
@@ -648,7 +650,10 @@ class ControlActions:
                 backend.url = configured.url
                 self.probe(backend)
             if override is None or override.slots is None:
-                if backend.slots != configured.slots:
+                if configured.slots is None:
+                    # No slots configured: what the backend reports (health.readFacts).
+                    backend.slotsFromBackend = True
+                elif backend.slots != configured.slots or backend.slotsFromBackend:
                     self.pool.setSlots(backend.name, configured.slots)
             if override is not None:
                 self._applyBackend(override)
