@@ -31,7 +31,7 @@ from collections import deque
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogBeginner, textFileLogObserver
 

@@ -48,17 +48,9 @@ import attrs
 from twisted.application.internet import TimerService
 from twisted.application.service import IService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.error import (
-    ConnectError,
-    ConnectionLost,
-    ConnectionRefusedError,
-    DNSLookupError,
-)
-from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from ollamamq.backends import (
     ANTHROPIC_API,

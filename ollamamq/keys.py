@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import secrets
-import sqlite3
 import sys
 from typing import Any
 
@@ -28,7 +27,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from ollamamq.identity import IP_PREFIX, MAX_USER_ID, IdentityResolver
-from ollamamq.store import Store, StoreError, migrate
+from ollamamq.store import Store, readAtStartup
 
 KEY_PREFIX = "omq-"
 
@@ -119,20 +118,7 @@ def loadKeys(path: str, identity: IdentityResolver) -> int:
     @return: how many keys were loaded.
     @raise StoreError: when the file cannot be used.
     """
-    try:
-        connection = sqlite3.connect(path, isolation_level=None)
-    except sqlite3.Error as e:
-        raise StoreError(f"cannot open state file {path}: {e}") from None
-    try:
-        migrate(connection, path)
-        rows = _rows(connection.cursor())
-    except sqlite3.DatabaseError as e:
-        raise StoreError(
-            f"state file {path} is not a usable SQLite database ({e}); "
-            "move it away to start with no saved state"
-        ) from None
-    finally:
-        connection.close()
+    rows = readAtStartup(path, _rows)
     for _, user, digest, _ in rows:
         identity.addKey(user, bytes.fromhex(digest))
     return len(rows)

@@ -315,16 +315,17 @@ def _readState(cursor: Any) -> State:
     return State(users=users, blocks=blocks, backends=backends)
 
 
-def loadState(path: str) -> State:
+def readAtStartup(path: str, read: Callable[[Any], T]) -> T:
     """
-    Open, check and migrate the state file on the calling thread and read every override.
-    For startup only, before the reactor runs.
+    Open, check and migrate the state file on the calling thread and run C{read} with a
+    cursor on it. For startup only, before the reactor runs: every reader of saved state
+    (overrides, minted keys) goes through here, so they share the file's checks.
 
     @raise StoreError: when the file cannot be used.
     """
     connection = _connect(path)
     try:
-        return _readState(connection.cursor())
+        return read(connection.cursor())
     except sqlite3.DatabaseError as e:
         raise StoreError(
             f"state file {path} is not a usable SQLite database ({e}); "
@@ -332,6 +333,15 @@ def loadState(path: str) -> State:
         ) from None
     finally:
         connection.close()
+
+
+def loadState(path: str) -> State:
+    """
+    Every override saved in the state file, read at startup (L{readAtStartup}).
+
+    @raise StoreError: when the file cannot be used.
+    """
+    return readAtStartup(path, _readState)
 
 
 class Store:
