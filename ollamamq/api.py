@@ -53,6 +53,7 @@ from ollamamq.relay import (
     requestHeadersForBackend,
 )
 from ollamamq.scheduler import Job, Lease, Scheduler
+from ollamamq.translate.plan import Translator
 
 OLLAMA_ONLY = frozenset({OLLAMA_BACKEND})
 ANY_KIND = frozenset({OLLAMA_BACKEND, OPENAI_BACKEND})
@@ -201,6 +202,8 @@ class ProxyAPI:
     catalog: ModelCatalog
     aggregator: Aggregator
     recheck: Callable[[Backend], None] = lambda backend: None
+    translator: Translator = attrs.field(
+        default=attrs.Factory(lambda self: Translator(self.relay.clock, self.relay), takes_self=True))
 
     app = Klein()
 
@@ -322,6 +325,7 @@ class ProxyAPI:
     @app.route("/v1/completions", methods=["POST"])
     @app.route("/v1/embeddings", methods=["POST"])
     @app.route("/v1/messages", methods=["POST"])
+    @app.route("/v1/messages/count_tokens", methods=["POST"])
     async def queued(self, request: IRequest) -> None:
         """
         A generation or embedding: wait for a fair turn and a slot, then stream.
@@ -466,13 +470,24 @@ class ProxyAPI:
         if body is None or resolution is None:
             return raw
         family = OLLAMA if path.startswith(b"/api/") else OPENAI
-        rewritten = self.catalog.rewrite(body, resolution, family)
-        spelled = backend.modelName(resolution.key)
-        if rewritten.get("model") != spelled:
-            rewritten = dict(rewritten, model=spelled)
+        rewritten = self._rewritten(backend, body, resolution, path)
         if rewritten == body and raw is not None:
             return raw
         return json.dumps(rewritten).encode("utf-8")
+
+    def _rewritten(self, backend: Backend | None, body: dict, resolution: Resolution,
+                   path: bytes) -> dict:
+        """
+        C{body} with the model rules applied and the model spelled as C{backend} spells
+        it (as the client spelled it without a backend).
+        """
+        family = OLLAMA if path.startswith(b"/api/") else OPENAI
+        rewritten = self.catalog.rewrite(body, resolution, family)
+        if backend is not None:
+            spelled = backend.modelName(resolution.key)
+            if rewritten.get("model") != spelled:
+                rewritten = dict(rewritten, model=spelled)
+        return rewritten
 
     async def _runQueued(
         self,
@@ -488,16 +503,44 @@ class ProxyAPI:
         path = request.path
         model = resolution.key if resolution is not None else None
         who = self.identity.identify(request.requestHeaders, _peerHost(request))
-        job = Job(user=who.user, kinds=kindsFor(path), model=model)
+        kinds = self.translator.kindsFor(path, model, self.pool)
+        if kinds != kindsFor(path) and body is not None and resolution is not None:
+            # It may be translated: refuse what cannot be before it waits in a queue, and
+            # answer what needs no backend (loading a model) at once.
+            translation = self.translator.translate(
+                path, self._rewritten(None, body, resolution, path), resolution.requested)
+            if translation.local is not None:
+                request.write(self.translator.answerLocally(request, translation))
+                return
+        job = Job(user=who.user, kinds=kinds, model=model)
         headers = self._backendHeaders(request)
         lease: Lease = await self.scheduler.enqueue(job)
         try:
             while True:
-                data = self._bodyFor(lease.backend, body, resolution, path, raw)
-                response = await self._open(request, lease.backend, headers, data)
-                if response is not None:
-                    await self.relay.stream(request, response, familyFor(path))
-                    return
+                if body is not None and resolution is not None and \
+                        self.translator.needed(path, lease.backend):
+                    translation = self.translator.translate(
+                        path, self._rewritten(lease.backend, body, resolution, path),
+                        resolution.requested)
+                    if translation.local is not None:
+                        request.write(self.translator.answerLocally(request, translation))
+                        return
+                    response = await self._open(request, lease.backend, headers,
+                                                translation.encodedBody(), translation.path)
+                    if response is not None:
+                        await self.translator.respond(request, response, translation)
+                        return
+                else:
+                    data = self._bodyFor(lease.backend, body, resolution, path, raw)
+                    response = await self._open(request, lease.backend, headers, data)
+                    if response is not None:
+                        if body is not None and self.translator.lacksMessages(
+                                path, lease.backend, response):
+                            # No Messages route there: send it again, as chat completions.
+                            self.relay.discard(response)
+                            continue
+                        await self.relay.stream(request, response, familyFor(path))
+                        return
                 failed = lease.backend
                 try:
                     lease = await lease.retry()
@@ -507,15 +550,17 @@ class ProxyAPI:
             lease.release()
 
     async def _open(
-        self, request: IRequest, backend: Backend, headers: Headers, data: bytes | None
+        self, request: IRequest, backend: Backend, headers: Headers, data: bytes | None,
+        uri: bytes | None = None,
     ) -> IResponse | None:
         """
-        Send the request to C{backend}. L{None} when the backend failed before answering
-        (refused, dropped, or 502/503/504): it is then marked offline until a probe finds
-        it working, and the caller fails over.
+        Send the request to C{backend} (at C{uri}, by default the client's). L{None} when
+        the backend failed before answering (refused, dropped, or 502/503/504): it is then
+        marked offline until a probe finds it working, and the caller fails over.
         """
         try:
-            response = await self.relay.open(backend, request.method, request.uri, headers, data)
+            response = await self.relay.open(backend, request.method, uri or request.uri,
+                                             headers, data)
         except BackendUnreachable as e:
             reason = str(e)
         else:

@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_translate_plan -*-
+"""
+When a request is translated, and how its translated answer reaches the client.
+
+The rule: a request is translated only when the backend it was granted does not speak
+its dialect.
+
+  - Ollama's C{/api/chat}, C{/api/generate}, C{/api/embed} and C{/api/embeddings} may go
+    to an OpenAI-only backend only when no available Ollama backend has the model
+    (L{Translator.kindsFor}): a native Ollama backend is always preferred, even when it
+    is busy, because its answer is Ollama's own (token contexts, real load times) and
+    the request waits in its user's queue either way.
+  - Anthropic C{/v1/messages} (and C{count_tokens}) goes to the backend natively first:
+    Ollama (0.14 and later) and llama-server have the route. A backend that answers it
+    404, 405 or 501 although it lists the model lacks the route; it is remembered
+    (L{Translator.lacksMessages}) and this and later requests are sent to it as chat
+    completions.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import ResponseFailed
+from twisted.web.iweb import IRequest, IResponse
+
+from ollamamq.backends import OLLAMA as OLLAMA_KIND
+from ollamamq.backends import OPENAI as OPENAI_KIND
+from ollamamq.backends import Backend, BackendPool
+from ollamamq.errors import BadGateway
+from ollamamq.relay import BodyTooLong, Relay, describeFailure
+from ollamamq.translate import anthropic_openai, ollama_openai
+from ollamamq.translate.common import (
+    EVENT_STREAM,
+    JSON_TYPE,
+    MAX_WHOLE,
+    NDJSON,
+    TranslatedResponse,
+    Translation,
+    jsonLine,
+    untranslatable,
+)
+
+OLLAMA_ROUTES = frozenset({b"/api/chat", b"/api/generate", b"/api/embed", b"/api/embeddings"})
+ANTHROPIC_ROUTES = frozenset({b"/v1/messages", b"/v1/messages/count_tokens"})
+
+OLLAMA_ONLY = frozenset({OLLAMA_KIND})
+ANY_KIND = frozenset({OLLAMA_KIND, OPENAI_KIND})
+
+#: Statuses of a backend that has no such route (Ollama before 0.14, vLLM, LM Studio).
+MISSING_ROUTE = frozenset({404, 405, 501})
+
+
+class Translator:
+    """
+    Decides per request and backend whether to translate, and relays translated answers.
+
+    @ivar clock: for the durations and times in translated answers.
+    @ivar relay: streams and collects backend answers.
+    """
+
+    def __init__(self, clock: IReactorTime, relay: Relay) -> None:
+        self.clock = clock
+        self.relay = relay
+        self._noMessages: set[str] = set()
+
+    def kindsFor(self, path: bytes, model: str | None, pool: BackendPool) -> frozenset[str]:
+        """
+        The backend kinds a request may be granted: native C{/api/*} routes need Ollama
+        unless no available Ollama backend has the model and the route is translatable.
+        """
+        if not path.startswith(b"/api/"):
+            return ANY_KIND
+        if path in OLLAMA_ROUTES and model is not None and not pool.canServe(OLLAMA_ONLY, model):
+            return ANY_KIND
+        return OLLAMA_ONLY
+
+    def needed(self, path: bytes, backend: Backend) -> bool:
+        """
+        Whether a request on C{path} must be translated for C{backend}.
+        """
+        if path in OLLAMA_ROUTES:
+            return backend.kind == OPENAI_KIND
+        if path in ANTHROPIC_ROUTES:
+            return backend.name in self._noMessages
+        return False
+
+    def lacksMessages(self, path: bytes, backend: Backend, response: IResponse) -> bool:
+        """
+        Whether C{response} to a native Anthropic request says C{backend} has no Messages
+        route; it is then remembered, and the caller retries translated.
+        """
+        if path not in ANTHROPIC_ROUTES or response.code not in MISSING_ROUTE:
+            return False
+        self._noMessages.add(backend.name)
+        return True
+
+    def translate(self, path: bytes, body: dict, requested: str) -> Translation:
+        """
+        The translation of a request on C{path}.
+
+        @param body: the request as it would go natively (model rules applied, model
+            spelled as the granted backend spells it).
+        @param requested: the model as the client named it (echoed in answers).
+        @raise ollamamq.errors.BadRequest: what cannot be translated faithfully.
+        """
+        if path in ANTHROPIC_ROUTES:
+            return anthropic_openai.translateRequest(path, body, requested, self.clock)
+        return ollama_openai.translateRequest(path, body, requested, self.clock)
+
+    def answerLocally(self, request: IRequest, translation: Translation) -> bytes:
+        """
+        Answer a translation the proxy answers itself (L{Translation.local}).
+        """
+        request.setResponseCode(200)
+        if translation.stream:
+            request.setHeader(b"content-type", NDJSON)
+            return jsonLine(translation.local)
+        request.setHeader(b"content-type", JSON_TYPE)
+        return json.dumps(translation.local).encode("utf-8")
+
+    async def respond(self, request: IRequest, response: IResponse, translation: Translation) -> None:
+        """
+        Relay C{response} to C{request}, translated: streamed as it arrives when the
+        client asked for a stream and the backend streams, else collected and answered
+        whole (errors too, reshaped for the client).
+
+        @raise BadGateway: the backend failed before its whole answer arrived.
+        """
+        contentType = b";".join(response.headers.getRawHeaders(b"content-type", [])).lower()
+        if translation.stream and 200 <= response.code < 300 and EVENT_STREAM in contentType \
+                and translation.streamed is not None:
+            await self.relay.stream(request, TranslatedResponse(response, translation.streamed()),
+                                    translation.family)
+            return
+        assert translation.whole is not None
+        try:
+            body = await self.relay.collect(response, MAX_WHOLE)
+        except BodyTooLong:
+            code, kind, data = untranslatable(f"the answer is over {MAX_WHOLE} bytes",
+                                              translation.family)
+        except ResponseFailed as e:
+            reason = describeFailure(e.reasons[0]) if e.reasons else "connection lost"
+            raise BadGateway(f"backend failed while answering: {reason}",
+                             code="backend_failed") from None
+        else:
+            code, kind, data = translation.whole().translate(response.code, body)
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", kind)
+        request.setHeader(b"content-length", b"%d" % len(data))
+        request.write(data)
+
