@@ -378,15 +378,19 @@ class ProxyAPI:
     # --- routed by model, not queued ---
 
     @app.route("/api/show", methods=["POST"])
-    async def show(self, request: IRequest) -> None:
+    async def show(self, request: IRequest) -> bytes | None:
         """
-        Model details, from a backend that has the model, without waiting in a queue.
+        Model details, from a backend that has the model, without waiting in a queue:
+        an Ollama backend's own answer, else what an OpenAI-only backend says of it.
         """
         raw, body = self._readJSON(request)
         resolution = self._resolveModel(body)
         holders = self.pool.holders(OLLAMA_ONLY, resolution.key)
         if not holders:
-            raise self._unavailable(resolution.requested)
+            others = self.pool.holders(frozenset({OPENAI_BACKEND}), resolution.key)
+            if not others:
+                raise self._unavailable(resolution.requested)
+            return _jsonResponse(request, await self.aggregator.show(others[0], resolution.requested))
         payload = dict(body, model=holders[0].modelName(resolution.key))
         payload.pop("name", None)
         await self._tryInTurn(request, holders, json.dumps(payload).encode("utf-8"))
