@@ -125,7 +125,9 @@ class ThroughProxyTests(SynchronousTestCase):
         Unstreamed chat, generate, raw generate, embed and embeddings answers come back
         Ollama-shaped.
         """
-        _, body = self.proxy.complete("POST", "/api/chat", dict(CHAT, stream=False))
+        response, body = self.proxy.complete("POST", "/api/chat", dict(CHAT, stream=False))
+        self.assertEqual(response.headers.getRawHeaders(b"x-sim-backend"), [b"gpu1"])
+        self.assertEqual(response.length, len(body))
         answer = json.loads(body)
         self.assertEqual((answer["done"], answer["eval_count"]), (True, 20))
         self.assertEqual(len(answer["message"]["content"].split()), 20)

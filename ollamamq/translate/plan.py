@@ -29,7 +29,7 @@ from ollamamq.backends import OLLAMA as OLLAMA_KIND
 from ollamamq.backends import OPENAI as OPENAI_KIND
 from ollamamq.backends import Backend, BackendPool
 from ollamamq.errors import BadGateway
-from ollamamq.relay import BodyTooLong, Relay, describeFailure
+from ollamamq.relay import BodyTooLong, Relay, describeFailure, forwardedHeaders
 from ollamamq.translate import anthropic_openai, ollama_openai
 from ollamamq.translate.common import (
     EVENT_STREAM,
@@ -50,6 +50,9 @@ ANY_KIND = frozenset({OLLAMA_KIND, OPENAI_KIND})
 
 #: Statuses of a backend that has no such route (Ollama before 0.14, vLLM, LM Studio).
 MISSING_ROUTE = frozenset({404, 405, 501})
+
+# Headers of a backend answer that describe its body, not the translated one.
+_REPLACED = frozenset({b"content-type", b"content-length", b"content-encoding"})
 
 
 class Translator:
@@ -147,6 +150,9 @@ class Translator:
         else:
             code, kind, data = translation.whole().translate(response.code, body)
         request.setResponseCode(code)
+        for name, values in forwardedHeaders(response.headers).getAllRawHeaders():
+            if name.lower() not in _REPLACED:
+                request.responseHeaders.setRawHeaders(name, values)
         request.setHeader(b"content-type", kind)
         request.setHeader(b"content-length", b"%d" % len(data))
         request.write(data)
