@@ -3,10 +3,29 @@
 The backend pool: what the proxy knows of each backend (state, API kind, models, load) and
 which backend a request goes to.
 
-Health probes write into it (L{BackendPool.markOnline}, L{BackendPool.markOffline}), the
-scheduler reads it (L{BackendPool.choose}) and counts slots (L{BackendPool.acquire},
-L{BackendPool.release}); anything that changes what the pool can serve notifies the
-subscribers, so queued requests are dispatched the moment a backend comes back.
+Health probes write into it (L{BackendPool.markOnline}, L{BackendPool.markFailed}), the
+forwarder reports failed and busy answers (L{BackendPool.markFailed},
+L{BackendPool.markBusy}), the scheduler reads it (L{BackendPool.choose}) and counts slots
+(L{BackendPool.acquire}, L{BackendPool.release}); anything that changes what the pool can
+serve notifies the subscribers, so queued requests are dispatched the moment a backend
+comes back.
+
+Failure model
+=============
+
+A backend is L{UNKNOWN} until its first probe, then L{ONLINE}, L{SUSPECT} or L{OFFLINE}:
+
+  - One failure (a failed probe, a request that failed before its first byte) makes an
+    online backend L{SUSPECT}: it gets no new requests and is probed again at once. A
+    successful probe makes it L{ONLINE} again.
+  - C{down_after} failed probes in a row make it L{OFFLINE}.
+  - Leaving L{ONLINE} stamps C{unavailableSince}. Requests for models that only
+    unavailable backends serve keep waiting while L{Backend.recovering} holds, that is for
+    C{down_grace} seconds from that stamp (the scheduler's grace), and are dispatched the
+    moment a backend comes back.
+  - Busy is not down: a backend that answers 429, or 503 saying it is loading or busy, is
+    only paused until C{busyUntil} (its own C{Retry-After}), keeps its state, and counts no
+    failure.
 """
 
 from __future__ import annotations
@@ -20,8 +39,16 @@ from ollamamq.models import canonicalModel
 OLLAMA = "ollama"
 OPENAI = "openai"
 
+#: Wire dialects a backend may speak; a request names the dialects that can serve it.
+#: Ollama speaks its own API and OpenAI's; newer Ollama and llama-server speak Anthropic
+#: Messages too (see L{ollamamq.health}).
+OLLAMA_API = "ollama"
+OPENAI_API = "openai"
+ANTHROPIC_API = "anthropic"
+
 UNKNOWN = "unknown"
 ONLINE = "online"
+SUSPECT = "suspect"
 OFFLINE = "offline"
 
 
@@ -42,12 +69,21 @@ class Backend:
     """
     One backend server and everything the proxy knows about it.
 
-    @ivar state: L{UNKNOWN} until the first probe, then L{ONLINE} or L{OFFLINE}.
+    @ivar state: L{UNKNOWN} until the first probe, then L{ONLINE}, L{SUSPECT} or
+        L{OFFLINE} (see the module docstring).
     @ivar kind: L{OLLAMA} (serves C{/api/*} and C{/v1/*}) or L{OPENAI} (only C{/v1/*}).
+    @ivar dialects: the wire dialects it serves (L{OLLAMA_API}, L{OPENAI_API},
+        L{ANTHROPIC_API}), as the probe found them.
     @ivar models: canonical model key -> the name as this backend spells it.
     @ivar loaded: canonical keys of the models it has in memory.
     @ivar active: requests the proxy is running on it now.
     @ivar draining: finishing what it runs, taking nothing new.
+    @ivar failures: failures in a row (probes and requests) since it was last online.
+    @ivar unavailableSince: clock time it last left L{ONLINE}, or L{None}.
+    @ivar failedAt: clock time of its latest failure, so that a probe that started before
+        it cannot overwrite it.
+    @ivar busyUntil: clock time until which it said it is busy, or L{None}.
+    @ivar firstByteTimeouts: requests in a row that reached the first-byte timeout.
     """
 
     name: str
@@ -55,6 +91,7 @@ class Backend:
     slots: int = 1
     state: str = UNKNOWN
     kind: str | None = None
+    dialects: frozenset[str] = frozenset()
     models: dict[str, str] = attrs.field(factory=dict)
     loaded: frozenset[str] = frozenset()
     version: str | None = None
@@ -62,6 +99,11 @@ class Backend:
     error: str | None = None
     active: int = 0
     draining: bool = False
+    failures: int = 0
+    unavailableSince: float | None = None
+    failedAt: float | None = None
+    busyUntil: float | None = None
+    firstByteTimeouts: int = 0
 
     @property
     def online(self) -> bool:
@@ -73,9 +115,21 @@ class Backend:
     @property
     def available(self) -> bool:
         """
-        Whether it may be given new requests.
+        Whether it may be given new requests now.
         """
-        return self.state == ONLINE and not self.draining
+        return self.state == ONLINE and not self.draining and self.busyUntil is None
+
+    def recovering(self, now: float, grace: float) -> bool:
+        """
+        Whether requests it serves should wait for it rather than fail: it is busy for a
+        while, or it left L{ONLINE} less than C{grace} seconds ago (and is not draining).
+        """
+        if self.draining:
+            return False
+        if self.state == ONLINE:
+            return self.busyUntil is not None
+        since = self.unavailableSince
+        return since is not None and now < since + grace
 
     @property
     def free(self) -> int:
@@ -84,12 +138,14 @@ class Backend:
         """
         return max(0, self.slots - self.active)
 
-    def serves(self, kinds: frozenset[str], model: str | None) -> bool:
+    def serves(self, dialects: frozenset[str], model: str | None) -> bool:
         """
-        Whether it speaks one of C{kinds} and lists C{model} (a canonical key; L{None} means
-        any model), regardless of whether it is online now.
+        Whether it speaks one of C{dialects} and lists C{model} (a canonical key; L{None}
+        means any model), regardless of whether it is online now.
         """
-        return self.kind in kinds and (model is None or model in self.models)
+        return not self.dialects.isdisjoint(dialects) and (
+            model is None or model in self.models
+        )
 
     def modelName(self, model: str) -> str:
         """
@@ -107,6 +163,8 @@ class Backend:
             "online": self.online,
             "state": self.state,
             "kind": self.kind,
+            "dialects": sorted(self.dialects),
+            "busy": self.busyUntil is not None,
             "slots": self.slots,
             "active": self.active,
             "draining": self.draining,
@@ -204,40 +262,92 @@ class BackendPool:
         loaded: Iterable[str] = (),
         version: str | None = None,
         latency: float | None = None,
+        dialects: Iterable[str] | None = None,
     ) -> None:
         """
         Record a successful probe.
 
         @param models: model names as the backend reported them.
         @param loaded: names of the models it has in memory.
+        @param dialects: the wire dialects it serves; by default what its C{kind} implies
+            (Ollama: its own and OpenAI's; OpenAI-compatible: OpenAI's).
         """
-        before = (backend.state, backend.kind, backend.models, backend.loaded)
+        if dialects is None:
+            dialects = (OLLAMA_API, OPENAI_API) if kind == OLLAMA else (OPENAI_API,)
+        before = (backend.state, backend.kind, backend.dialects, backend.models, backend.loaded)
         backend.state = ONLINE
         backend.kind = kind
+        backend.dialects = frozenset(dialects)
         backend.models = {canonicalModel(m): m for m in models}
         backend.loaded = frozenset(canonicalModel(m) for m in loaded)
         backend.version = version
         backend.latency = latency
         backend.error = None
+        backend.failures = 0
+        backend.unavailableSince = None
         # Probes repeat every interval; wake the scheduler only when what it can route
         # (or prefer) changed.
-        if before != (backend.state, backend.kind, backend.models, backend.loaded):
+        after = (backend.state, backend.kind, backend.dialects, backend.models, backend.loaded)
+        if before != after:
             self.changed()
 
-    def markOffline(self, backend: Backend, reason: str) -> None:
+    def markFailed(self, backend: Backend, reason: str, now: float, downAfter: int = 1) -> None:
         """
-        Record a failed probe or a failed request: no traffic until a probe succeeds.
-        Its model list is kept so requests for its models get 503 (come back), not 404.
+        Record a failed probe or a request that failed before its first byte: an online
+        (or never probed) backend becomes L{SUSPECT}, and L{OFFLINE} once C{downAfter}
+        failures came in a row. Its model list is kept, so requests for its models wait
+        or get 503 (come back later), not 404.
+
+        @param now: the clock time of the failure.
+        """
+        before = backend.state
+        backend.failures += 1
+        backend.failedAt = now
+        backend.error = reason
+        if before in (ONLINE, UNKNOWN):
+            backend.unavailableSince = now
+        if backend.failures >= downAfter:
+            backend.state = OFFLINE
+        elif before != OFFLINE:
+            backend.state = SUSPECT
+        if backend.state != before:
+            self.changed()
+
+    def markOffline(self, backend: Backend, reason: str, now: float | None = None) -> None:
+        """
+        Record a failure that leaves no doubt: L{OFFLINE} at once. Requests wait for it
+        (the grace) only when C{now}, the time of the failure, is given.
         """
         wasOnline = backend.state != OFFLINE
         backend.state = OFFLINE
         backend.error = reason
+        backend.failures = max(backend.failures, 1)
+        backend.failedAt = now
+        backend.unavailableSince = now
         if wasOnline:
+            self.changed()
+
+    def markBusy(self, backend: Backend, until: float) -> None:
+        """
+        The backend said it is busy (429, or 503 while loading): give it nothing new until
+        C{until}, then L{markReady}. Its state and failure count do not change.
+        """
+        wasAvailable = backend.available
+        backend.busyUntil = max(until, backend.busyUntil or until)
+        if wasAvailable:
+            self.changed()
+
+    def markReady(self, backend: Backend) -> None:
+        """
+        A busy backend's pause is over.
+        """
+        if backend.busyUntil is not None:
+            backend.busyUntil = None
             self.changed()
 
     def choose(
         self,
-        kinds: frozenset[str],
+        dialects: frozenset[str],
         model: str | None,
         exclude: Iterable[Backend] = (),
     ) -> Backend | None:
@@ -253,7 +363,7 @@ class BackendPool:
             if (
                 not backend.available
                 or backend.free <= 0
-                or not backend.serves(kinds, model)
+                or not backend.serves(dialects, model)
                 or backend in excluded
             ):
                 continue
@@ -267,26 +377,31 @@ class BackendPool:
         self._turn += 1
         return best[self._turn % len(best)]
 
-    def holders(self, kinds: frozenset[str], model: str | None) -> list[Backend]:
+    def holders(self, dialects: frozenset[str], model: str | None) -> list[Backend]:
         """
-        Available backends that serve C{model} in one of C{kinds}, busy or not, those with
-        the model loaded first: for requests that are answered at once rather than queued
-        (C{/api/show}).
+        Available backends that serve C{model} in one of C{dialects}, with free slots or
+        not, those with the model loaded first: for requests that are answered at once
+        rather than queued (C{/api/show}).
         """
-        found = [b for b in self._backends.values() if b.available and b.serves(kinds, model)]
+        found = [b for b in self._backends.values() if b.available and b.serves(dialects, model)]
         return sorted(found, key=lambda b: (model not in b.loaded, b.active / b.slots))
 
-    def canServe(self, kinds: frozenset[str], model: str | None) -> bool:
+    def canServe(self, dialects: frozenset[str], model: str | None) -> bool:
         """
-        Whether any available backend (busy or not) serves C{model} in one of C{kinds}.
+        Whether any available backend (with free slots or not) serves C{model} in one of
+        C{dialects}.
         """
-        return any(b.available and b.serves(kinds, model) for b in self._backends.values())
+        return any(b.available and b.serves(dialects, model) for b in self._backends.values())
 
-    def knows(self, model: str) -> bool:
+    def knows(self, model: str, dialects: frozenset[str] | None = None) -> bool:
         """
-        Whether any backend, in any state, has listed C{model} (a canonical key).
+        Whether any backend, in any state, has listed C{model} (a canonical key), and
+        speaks one of C{dialects} when they are given.
         """
-        return any(model in b.models for b in self._backends.values())
+        return any(
+            model in b.models and (dialects is None or not b.dialects.isdisjoint(dialects))
+            for b in self._backends.values()
+        )
 
     @property
     def settled(self) -> bool:

@@ -89,7 +89,12 @@ class Config:
     listen: tuple[str, ...] = (f"tcp:{DEFAULT_PORT}:interface=127.0.0.1",)
     backends: tuple[BackendConfig, ...] = ()
     timeout: float = 300.0
+    firstByteTimeout: float = 600.0
     healthInterval: float = 10.0
+    # Failures in a row before a suspect backend is offline.
+    downAfter: int = 3
+    # Seconds queued requests wait for an unavailable backend; None: 3 probe periods.
+    downGrace: float | None = None
     probeTimeout: float = 5.0
     control: str = "ollamamq.sock"
     state: str = "ollamamq.db"
@@ -98,6 +103,11 @@ class Config:
     maxQueuedPerUser: int = 100
     maxQueuedTotal: int = 10000
     maxBodyBytes: int = 100 * 1024 * 1024
+    maxBlobBytes: int = 256 * 1024**3
+    maxQueuedPerPeer: int = 1000
+    maxQueuedBytes: int = 1024**3
+    # Users tracked at once; idle, unconfigured ones are forgotten first beyond it.
+    maxUsers: int = 10_000
     queueTimeout: float | None = None
     idleForget: float = 3600.0
     # The unit of fair share: dispatched requests, or lease seconds (GPU time).
@@ -209,7 +219,10 @@ def _table(key: str, value: Any, checkers: Mapping[str, Callable[[str, Any], Any
 _SERVER_KEYS: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = {
     "listen": ("listen", _stringList),
     "timeout": ("timeout", _positiveNumber),
+    "first_byte_timeout": ("firstByteTimeout", _positiveNumber),
     "health_interval": ("healthInterval", _positiveNumber),
+    "down_after": ("downAfter", _positiveInt),
+    "down_grace": ("downGrace", _positiveNumber),
     "probe_timeout": ("probeTimeout", _positiveNumber),
     "control": ("control", _string),
     "state": ("state", _string),
@@ -217,6 +230,10 @@ _SERVER_KEYS: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = {
     "max_queued_per_user": ("maxQueuedPerUser", _positiveInt),
     "max_queued_total": ("maxQueuedTotal", _positiveInt),
     "max_body_bytes": ("maxBodyBytes", _positiveInt),
+    "max_blob_bytes": ("maxBlobBytes", _positiveInt),
+    "max_queued_per_peer": ("maxQueuedPerPeer", _positiveInt),
+    "max_queued_bytes": ("maxQueuedBytes", _positiveInt),
+    "max_users": ("maxUsers", _positiveInt),
     "queue_timeout": ("queueTimeout", _positiveNumber),
     "idle_forget": ("idleForget", _positiveNumber),
     "fair_share": ("fairShare", _fairShare),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 OLLAMA = "ollama"
 OPENAI = "openai"
@@ -92,6 +93,15 @@ class MethodNotAllowed(ProxyError):
     def __init__(self, message: str, allowed: list[str]) -> None:
         super().__init__(message, code="method_not_allowed")
         self.allowed = allowed
+
+
+class NotImplementedMethod(ProxyError):
+    """
+    A request method the proxy does not implement anywhere.
+    """
+
+    status = 501
+    openaiType = anthropicType = "invalid_request_error"
 
 
 class BodyTooLarge(ProxyError):
@@ -178,6 +188,55 @@ def retryAfterHeader(error: ProxyError) -> bytes | None:
     if error.retryAfter is None:
         return None
     return str(max(1, math.ceil(error.retryAfter))).encode("ascii")
+
+
+_REASONS = {
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 413: b"Payload Too Large", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def errorHeaders(error: ProxyError) -> list[tuple[bytes, bytes]]:
+    """
+    The response headers that go with C{error}: its content type, and C{Retry-After} and
+    C{Allow} where it has them.
+    """
+    headers = [(b"content-type", JSON_TYPE)]
+    retry = retryAfterHeader(error)
+    if retry is not None:
+        headers.append((b"retry-after", retry))
+    allowed = getattr(error, "allowed", None)
+    if allowed:
+        headers.append((b"allow", ", ".join(allowed).encode("ascii")))
+    return headers
+
+
+def writeError(request: Any, error: ProxyError, family: str) -> bytes:
+    """
+    Set C{request}'s status and headers for C{error} and return the body to write: the one
+    way every route answers an error before its response started.
+    """
+    request.setResponseCode(error.status)
+    for name, value in errorHeaders(error):
+        request.setHeader(name, value)
+    return errorBody(error, family)
+
+
+def errorResponse(error: ProxyError, family: str) -> bytes:
+    """
+    A whole HTTP/1.1 response for C{error} that closes the connection, for answering on a
+    transport before twisted.web has set a request up (see L{ollamamq.front}).
+    """
+    body = errorBody(error, family)
+    lines = [b"HTTP/1.1 %d %s" % (error.status, _REASONS.get(error.status, b"Error"))]
+    lines += [name + b": " + value for name, value in errorHeaders(error)]
+    lines += [b"Content-Length: %d" % len(body), b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def streamErrorLine(error: ProxyError, family: str, sse: bool) -> bytes:

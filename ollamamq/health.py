@@ -4,16 +4,22 @@ Health probes: which backends are up, which API they speak, which models they ha
 which are loaded.
 
 Every C{interval} seconds L{HealthChecker} probes all backends of the pool at once and
-writes what it finds with L{BackendPool.markOnline} / L{BackendPool.markOffline}. Every
-HTTP call has its own deadline, so a hung backend is marked offline after C{probeTimeout}
-and never delays the others or the next round.
+writes what it finds with L{BackendPool.markOnline} / L{BackendPool.markFailed}: one failed
+probe makes a backend suspect, C{down_after} in a row offline (the failure model is in
+L{ollamamq.backends}). Every HTTP call has its own deadline, so a hung backend fails its
+probe after C{probeTimeout} and never delays the others or the next round.
+
+Probe results are ordered: a probe that started before a newer failure (a request that
+failed while the probe was under way) does not overwrite it; the backend is probed again
+instead.
 
 Classification goes by the shape of the answers, not by status codes alone, because
 several servers answer paths they do not really implement:
 
   1. C{GET /api/tags} answering C{{"models": [...]}} is Ollama; then C{GET /api/ps}
      (loaded models) and C{GET /api/version} run concurrently, and failures of those two
-     only cost the extra information (older Ollama has no C{/api/ps}).
+     only cost the extra information (older Ollama has no C{/api/ps}). Ollama serves the
+     Anthropic Messages API from version L{OLLAMA_MESSAGES_VERSION} on.
   2. Otherwise C{GET /v1/models} answering C{{"data": [...]}} is OpenAI-compatible
      (llama.cpp's llama-server, LM Studio, vLLM); model ids are the names.
   3. Otherwise the backend is offline, with the reasons of both calls. A connection that
@@ -45,12 +51,27 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from ollamamq.backends import OLLAMA, OPENAI, ONLINE, Backend, BackendPool, UnknownBackend
+from ollamamq.backends import (
+    ANTHROPIC_API,
+    OLLAMA,
+    OLLAMA_API,
+    OPENAI,
+    OPENAI_API,
+    ONLINE,
+    Backend,
+    BackendPool,
+    UnknownBackend,
+)
+from ollamamq.models import versionKey
 from ollamamq.relay import BodyCollector, BodyTooLong, wasCancelled
+from ollamamq.relay import describeFailure as describeCallFailure
 
 #: Largest answer body read from a backend. A listing of hundreds of models is a few
 #: hundred KiB; anything far bigger is a misbehaving server, not a model list.
 MAX_BODY = 16 * 1024 * 1024
+
+#: The first Ollama release with C{/v1/messages} (Anthropic compatibility).
+OLLAMA_MESSAGES_VERSION = "0.14.0"
 
 
 class FetchError(Exception):
@@ -77,21 +98,12 @@ def _seconds(value: float) -> str:
 
 def describeFailure(failure: Failure) -> FetchError:
     """
-    Turn a failed HTTP call into a L{FetchError} with a short reason.
+    Turn a failed HTTP call into a L{FetchError} with a short reason (the relay's
+    L{describeCallFailure}: fixed phrases, never an address).
     """
     if failure.check(FetchError):
         return failure.value
-    if failure.check(ConnectionRefusedError):
-        return FetchError("connection refused", connection=True)
-    if failure.check(DNSLookupError):
-        return FetchError("DNS lookup failed", connection=True)
-    if failure.check(ConnectTimeoutError):
-        return FetchError("connect timed out", connection=True)
-    if failure.check(ConnectError):
-        return FetchError(f"cannot connect: {failure.getErrorMessage()}", connection=True)
-    if failure.check(ResponseNeverReceived, ResponseFailed, ConnectionLost):
-        return FetchError("connection lost", connection=True)
-    return FetchError(f"{failure.type.__name__}: {failure.getErrorMessage()}", connection=True)
+    return FetchError(describeCallFailure(failure), connection=True)
 
 
 def getJSON(
@@ -189,8 +201,10 @@ class Finding:
     """
     What one probe found.
 
-    @ivar kind: L{OLLAMA}, L{OPENAI}, or L{None} when the backend is offline.
-    @ivar reason: why it is offline (only when C{kind} is L{None}).
+    @ivar kind: L{OLLAMA}, L{OPENAI}, or L{None} when the probe failed.
+    @ivar reason: why it failed (only when C{kind} is L{None}).
+    @ivar dialects: the wire dialects found, or L{None} for what C{kind} implies.
+    @ivar startedAt: clock time the probe started (to order it against failures).
     """
 
     kind: str | None
@@ -199,6 +213,8 @@ class Finding:
     version: str | None = None
     latency: float | None = None
     reason: str | None = None
+    dialects: tuple[str, ...] | None = None
+    startedAt: float = 0.0
 
 
 class _ProbeLoop(TimerService):
@@ -240,18 +256,23 @@ class HealthChecker:
         clock: IReactorTime,
         interval: float,
         probeTimeout: float,
+        downAfter: int = 3,
     ) -> None:
         """
         @param http: treq, or a treq-like object such as L{treq.testing.StubTreq}.
         @param interval: seconds between probe rounds.
         @param probeTimeout: deadline of each HTTP call of a probe.
+        @param downAfter: failures in a row that make a backend offline.
         """
         self.pool = pool
         self.http = http
         self.clock = clock
         self.interval = interval
         self.probeTimeout = probeTimeout
+        self.downAfter = downAfter
         self.stopped = False
+        # Backends whose probe result was older than a failure: probe them again.
+        self._again: set[Backend] = set()
         self._running: dict[Backend, Deferred[None]] = {}
         self._waiters: dict[Backend, list[Deferred[None]]] = {}
         self._soon: dict[Backend, IDelayedCall] = {}
@@ -295,8 +316,10 @@ class HealthChecker:
             delayed = self._soon.pop(backend, None)
             if delayed is not None and delayed.active():
                 delayed.cancel()
+            started = self.clock.seconds()
             d = Deferred.fromCoroutine(self._examine(backend))
             d.addErrback(self._examineFailed, backend)
+            d.addCallback(lambda finding: attrs.evolve(finding, startedAt=started))
             d.addCallback(self._record, backend)
             d.addErrback(self._recordFailed, backend)
             self._running[backend] = d
@@ -375,6 +398,15 @@ class HealthChecker:
         # is preferred for being "loaded".
         return Finding(OPENAI, models=tuple(ids), latency=latency)
 
+    @staticmethod
+    def _ollamaDialects(version: str | None) -> tuple[str, ...]:
+        """
+        The dialects an Ollama of C{version} serves.
+        """
+        if version is not None and versionKey(version) >= versionKey(OLLAMA_MESSAGES_VERSION):
+            return (OLLAMA_API, OPENAI_API, ANTHROPIC_API)
+        return (OLLAMA_API, OPENAI_API)
+
     async def _ollamaDetails(
         self, backend: Backend, models: list[str], latency: float | None
     ) -> Finding:
@@ -398,7 +430,7 @@ class HealthChecker:
             found = backend.version
         return Finding(
             OLLAMA, models=tuple(models), loaded=tuple(loaded or ()), version=found,
-            latency=latency,
+            latency=latency, dialects=self._ollamaDialects(found),
         )
 
     def _inPool(self, backend: Backend) -> bool:
@@ -418,21 +450,27 @@ class HealthChecker:
             # Removed while we asked: writing would notify subscribers about a backend
             # nobody can use, and a name reused since must not get our stale answer.
             return
-        wasOnline = backend.state == ONLINE
-        previousError = backend.error
+        before = backend.state
         if finding.kind is None:
-            self.pool.markOffline(backend, finding.reason or "unknown error")
-            if wasOnline or previousError is None:
+            self.pool.markFailed(backend, finding.reason or "unknown error",
+                                 self.clock.seconds(), self.downAfter)
+            if backend.state != before:
                 self.log.warn(
-                    "Backend {name} ({url}) is offline: {reason}",
-                    name=backend.name, url=backend.url, reason=finding.reason,
+                    "Backend {name} ({url}) is {state}: {reason}",
+                    name=backend.name, url=backend.url, state=backend.state,
+                    reason=finding.reason,
                 )
+            return
+        if backend.failedAt is not None and backend.failedAt > finding.startedAt:
+            # A request failed while this probe was under way: its good news is older
+            # than that failure. Ask again rather than overwrite it.
+            self._again.add(backend)
             return
         self.pool.markOnline(
             backend, finding.kind, finding.models, finding.loaded, finding.version,
-            finding.latency,
+            finding.latency, finding.dialects,
         )
-        if not wasOnline:
+        if before != ONLINE:
             self.log.info(
                 "Backend {name} ({url}) is online: {kind} {version}, {count} models",
                 name=backend.name, url=backend.url, kind=finding.kind,
@@ -469,6 +507,9 @@ class HealthChecker:
         del self._running[backend]
         for waiter in self._waiters.pop(backend, ()):
             waiter.callback(None)
+        if backend in self._again:
+            self._again.discard(backend)
+            self.probeSoon(backend)
 
 
 def onlineBackends(pool: BackendPool, kinds: Iterable[str]) -> list[Backend]:

@@ -146,6 +146,14 @@ class IdentityResolver:
                 return Identity(user, HEADER)
         return Identity(IP_PREFIX + self._clientAddress(headers, peerHost), IP)
 
+    def clientAddress(self, headers: Headers, peerHost: str) -> str:
+        """
+        The address of the client behind a request: the TCP peer, or the client a trusted
+        proxy names in C{X-Forwarded-For} (rule 3 of the module docstring), whatever user
+        the request names. Per-address limits count by it.
+        """
+        return self._clientAddress(headers, peerHost)
+
     def isProxyCredential(self, value: str) -> bool:
         """
         Whether C{value} (a bearer key, an C{x-api-key} value, or a whole

@@ -10,21 +10,49 @@ Three properties matter and each has its mechanism here:
  - cancellation: a client that goes away cancels the relay, which drops the backend
    connection (Ollama stops generating when its client disconnects).
 
-The idle timeout (C{--timeout}) is the longest silence allowed between two backend bytes
-(or before the response headers), never a total deadline.
+Two timeouts, never a total deadline:
+ - C{first_byte_timeout}: from sending the request to the first body byte (or the headers
+   of an empty answer). It covers a cold model load and a whole C{"stream": false}
+   generation, during which a backend sends nothing at all.
+ - the idle C{timeout} (C{--timeout}): the longest silence between two backend bytes once
+   the answer has started.
+Neither runs while the client is what paused the transfer: when a slow client's socket
+fills up, twisted.web pauses the backend connection (backpressure), the backend goes
+silent because we stopped reading, and that is nobody's timeout.
+
+Backend URLs are built from the backend's own base URL and the parsed path and query of a
+request target that L{ollamamq.front} already checked (L{targetURL}), so no target can
+change the host a request goes to.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectingCancelledError, ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    FileBodyProducer,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IRequest, IResponse
@@ -57,7 +85,31 @@ class BackendUnreachable(Exception):
     """
     The backend could not be reached or dropped the connection before answering: the
     request may be retried on another backend.
+
+    @ivar stale: whether the failure looks like a pooled keep-alive connection the backend
+        had closed (the request was lost on an open connection, not refused): worth one
+        more try on a fresh connection to the same backend before it counts as a failure.
     """
+
+    def __init__(self, message: str, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
+def targetURL(base: str, target: bytes) -> bytes:
+    """
+    The URL of request target C{target} (origin form, C{/path?query}) on the backend whose
+    base URL is C{base}: the base's scheme, authority and path prefix, then the target's
+    path and query. Nothing in the target can change the host.
+
+    @raise ValueError: when C{target} is not in origin form.
+    """
+    path, mark, query = target.partition(b"?")
+    if not path.startswith(b"/"):
+        raise ValueError(f"not an origin-form request target: {target!r}")
+    parts = urlsplit(base)
+    prefix = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}".encode("ascii")
+    return prefix + path + (b"?" + query if mark else b"")
 
 
 def _connectionListed(headers: Headers) -> set[bytes]:
@@ -108,13 +160,34 @@ def wasCancelled(failure: Failure) -> bool:
 
 def describeFailure(failure: Failure) -> str:
     """
-    A short message for a failed backend call, for people (logs, error bodies): the first
-    underlying reason, not Twisted's list of Failure reprs.
+    A short reason for a failed backend call, fit for clients, logs and status pages: a
+    fixed phrase per kind of failure, never the underlying message (which can hold the
+    backend's address or URL) nor Twisted's list of Failure reprs.
     """
-    if failure.check(ResponseNeverReceived, ResponseFailed):
+    if failure.check(ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed):
         reasons = failure.value.reasons
-        return describeFailure(reasons[0]) if reasons else "no response"
-    return failure.getErrorMessage().rstrip(".") or failure.type.__name__
+        return describeFailure(reasons[0]) if reasons else "connection lost"
+    if failure.check(ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(DNSLookupError):
+        return "DNS lookup failed"
+    if failure.check(ConnectTimeoutError):
+        return "connect timed out"
+    if failure.check(ConnectError):
+        return "cannot connect"
+    if failure.check(ConnectionDone, ConnectionLost, RequestNotSent):
+        return "connection lost"
+    return f"unexpected error ({failure.type.__name__})"
+
+
+def _staleConnection(failure: Failure) -> bool:
+    """
+    Whether a failure before the response is what a keep-alive connection that the backend
+    had closed meanwhile looks like: the request was written (or being written) and the
+    connection went away, as opposed to a connection that could not be made.
+    """
+    return bool(failure.check(ResponseNeverReceived, RequestTransmissionFailed,
+                              RequestNotSent))
 
 
 @implementer(IBodyProducer)
@@ -152,56 +225,85 @@ class Relay:
     which a transparent proxy may do.
 
     @ivar agent: an L{IAgent} with a persistent connection pool.
-    @ivar clock: for the idle timeout.
-    @ivar idleTimeout: seconds of backend silence that end a request.
+    @ivar freshAgent: an L{IAgent} that opens a new connection for every request, for the
+        one retry after a stale keep-alive connection (the same as C{agent} by default).
+    @ivar clock: for the timeouts.
+    @ivar idleTimeout: seconds of backend silence that end a request once it started.
+    @ivar firstByteTimeout: seconds a backend may take to send its first byte.
     """
 
-    def __init__(self, agent: IAgent, clock: IReactorTime, idleTimeout: float) -> None:
+    def __init__(
+        self,
+        agent: IAgent,
+        clock: IReactorTime,
+        idleTimeout: float,
+        firstByteTimeout: float | None = None,
+        freshAgent: IAgent | None = None,
+    ) -> None:
         self.agent = agent
+        self.freshAgent = freshAgent if freshAgent is not None else agent
         self.clock = clock
         self.idleTimeout = idleTimeout
+        self.firstByteTimeout = firstByteTimeout if firstByteTimeout is not None else idleTimeout
+        # File bodies are read in turns on our own clock, not the global reactor's.
+        self._cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
 
     async def open(
         self,
         backend: Backend,
         method: bytes,
-        path: bytes,
+        target: bytes,
         headers: Headers,
-        body: bytes | None,
+        body: bytes | BinaryIO | None,
+        fresh: bool = False,
     ) -> IResponse:
         """
         Send a request to C{backend} and wait for its response headers.
 
-        @param path: the path and query, starting with C{/}.
+        @param target: the path and query, origin form (checked by L{ollamamq.front}).
+        @param fresh: open a new connection instead of reusing a pooled one.
         @raise BackendUnreachable: the connection failed before a response started.
-        @raise GatewayTimeout: no response headers within the idle timeout.
+        @raise GatewayTimeout: no response headers within the first-byte timeout.
         @raise CancelledError: the caller cancelled (the client went away).
         """
-        url = backend.url.encode("utf-8") + path
-        d = self.agent.request(
-            method, url, headers, _BodyBytes(body) if body is not None else None
-        )
+        url = targetURL(backend.url, target)
+        agent = self.freshAgent if fresh else self.agent
+        d = agent.request(method, url, headers, self._producer(body))
         timedOut = []
 
         def onTimeout(result: Any, timeout: float) -> Any:
             timedOut.append(True)
             return result
 
-        d.addTimeout(self.idleTimeout, self.clock, onTimeoutCancel=onTimeout)
+        d.addTimeout(self.firstByteTimeout, self.clock, onTimeoutCancel=onTimeout)
         try:
             return await d
         except Exception:
             failure = Failure()
             if timedOut:
                 raise GatewayTimeout(
-                    f"backend {backend.name} sent nothing for {self.idleTimeout:g}s",
+                    f"backend {backend.name} sent nothing for {self.firstByteTimeout:g}s",
                     code="backend_timeout",
                 ) from None
             if wasCancelled(failure):
                 raise CancelledError() from None
+            log.info("Request to backend {name} ({url}) failed: {failure}", name=backend.name,
+                     url=url.decode("latin-1"), failure=failure.getErrorMessage())
             raise BackendUnreachable(
-                f"backend {backend.name}: {describeFailure(failure)}"
+                f"backend {backend.name}: {describeFailure(failure)}",
+                stale=_staleConnection(failure),
             ) from None
+
+    def _producer(self, body: bytes | BinaryIO | None) -> IBodyProducer | None:
+        """
+        The body producer for C{body}: bytes in one write, a file streamed in chunks as
+        the connection takes them (blob uploads).
+        """
+        if body is None:
+            return None
+        if isinstance(body, bytes):
+            return _BodyBytes(body)
+        return FileBodyProducer(body, cooperator=self._cooperator)
 
     def stream(
         self,
@@ -232,6 +334,7 @@ class Relay:
             request,
             self.clock,
             self.idleTimeout,
+            self.firstByteTimeout,
             family,
             sse=b"text/event-stream" in contentType,
             ndjson=b"ndjson" in contentType,
@@ -332,9 +435,37 @@ class _Discard(Protocol):
         pass
 
 
+@implementer(IPushProducer)
+class _ClientPacedProducer:
+    """
+    The backend connection as the client request's producer, telling the relay when the
+    client side pauses and resumes it, so no timeout runs while we are the ones not
+    reading.
+    """
+
+    def __init__(self, transport: Any, relay: _BodyRelay) -> None:
+        self._transport = transport
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay.clientPaused()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._relay.clientResumed()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+
 class _BodyRelay(Protocol):
     """
     Receives a backend response body and writes it to the client request.
+
+    Until the first body byte the first-byte timeout runs (the headers may come long
+    before the first token, while a model loads); after it, the idle timeout between
+    bytes. The timer stops while the client has paused the transfer.
     """
 
     def __init__(
@@ -342,6 +473,7 @@ class _BodyRelay(Protocol):
         request: IRequest,
         clock: IReactorTime,
         idleTimeout: float,
+        firstByteTimeout: float,
         family: str,
         sse: bool,
         ndjson: bool,
@@ -349,11 +481,13 @@ class _BodyRelay(Protocol):
         self._request = request
         self._clock = clock
         self._idleTimeout = idleTimeout
+        self._firstByteTimeout = firstByteTimeout
         self._family = family
         self._sse = sse
         self._ndjson = ndjson
         self._cancelled = False
         self._timedOut = False
+        self._paused = False
         self._idle: IDelayedCall | None = None
         self.relayed = 0
         self.done: Deferred[int] = Deferred(self._cancel)
@@ -364,27 +498,59 @@ class _BodyRelay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
+    def _currentTimeout(self) -> float:
+        return self._idleTimeout if self.relayed else self._firstByteTimeout
+
+    def _stopTimer(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _startTimer(self) -> None:
+        self._stopTimer()
+        if not self._paused:
+            self._idle = self._clock.callLater(self._currentTimeout(), self._timeout)
+
+    def clientPaused(self) -> None:
+        """
+        The client's side is full: stop the clock until it drains.
+        """
+        self._paused = True
+        self._stopTimer()
+
+    def clientResumed(self) -> None:
+        """
+        The client's side drained: the backend's silence counts again, from now.
+        """
+        if self._paused:
+            self._paused = False
+            self._startTimer()
+
     def connectionMade(self) -> None:
         if getattr(self._request, "channel", None) is None:
             # The client left before the body started: nothing to relay to.
             self.transport.stopProducing()
             return
-        self._request.registerProducer(self.transport, True)
-        self._idle = self._clock.callLater(self._idleTimeout, self._timeout)
+        self._request.registerProducer(_ClientPacedProducer(self.transport, self), True)
+        self._startTimer()
 
     def _timeout(self) -> None:
+        self._idle = None
         self._timedOut = True
         self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self._idleTimeout)
+        first = not self.relayed
         self.relayed += len(data)
+        if first:
+            # From the first byte on, the (usually shorter) idle timeout applies.
+            self._startTimer()
+        elif self._idle is not None:
+            self._idle.reset(self._idleTimeout)
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._stopTimer()
         connected = getattr(self._request, "channel", None) is not None
         if connected:
             # Without a channel (client gone) unregisterProducer raises AttributeError.
@@ -396,8 +562,9 @@ class _BodyRelay(Protocol):
             return
         error: ProxyError
         if self._timedOut:
+            which = "before its first byte" if not self.relayed else "mid-stream"
             error = GatewayTimeout(
-                f"backend sent nothing for {self._idleTimeout:g}s; stream ended",
+                f"backend sent nothing for {self._currentTimeout():g}s {which}; stream ended",
                 code="backend_timeout",
             )
         else:
@@ -414,4 +581,3 @@ class _BodyRelay(Protocol):
                 # reaches the client.
                 self._request.channel.transport.abortConnection()
         self.done.callback(self.relayed)
-

@@ -158,7 +158,7 @@ import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from ollamamq.backends import Backend, BackendPool
+from ollamamq.backends import ONLINE, Backend, BackendPool
 from ollamamq.config import FAIR_SHARES, PRIORITIES, Config
 from ollamamq.errors import BadGateway, TooManyRequests, Unavailable
 
@@ -215,8 +215,9 @@ class Job:
     What a request needs from a backend.
 
     @ivar user: the user id (from L{ollamamq.identity}).
-    @ivar kinds: backend kinds that can serve it: C{{"ollama"}} for C{/api/*},
-        C{{"ollama", "openai"}} for C{/v1/*}.
+    @ivar kinds: the wire dialects a backend must speak (one of them) to serve it, as
+        L{ollamamq.front.dialectsFor} gives them: C{{"ollama"}} for C{/api/*},
+        C{{"openai"}} for C{/v1/*}, C{{"anthropic"}} for C{/v1/messages}.
     @ivar model: the canonical model key (L{ollamamq.models.canonicalModel}), or L{None}
         for a request any backend of a fitting kind can serve.
     @ivar peer: the client address the request came from (after trusted proxies), for
@@ -265,19 +266,23 @@ class Lease:
         """
         self._scheduler._release(self)
 
-    def retry(self) -> Deferred[Lease]:
+    def retry(self, exclude: bool = True) -> Deferred[Lease]:
         """
-        The backend failed before the first response byte (the caller has marked it
-        offline): free the slot without charging the user and queue the request again, ahead
-        of the user's other requests for the model, for a backend it has not tried yet.
+        The backend failed (or was busy) before the first response byte: free the slot
+        without charging the user and queue the request again, ahead of the user's other
+        requests for the model.
 
-        @return: fires with a new lease; errbacks with L{BadGateway} when no available
-            backend that was not tried yet serves the request (at once, or later when the
-            pool changes so), L{Unavailable} on a queue timeout or shutdown. Cancelling it
-            removes the request like a queued one.
+        @param exclude: the backend failed (the caller has marked it so): send the request
+            to a backend it has not tried yet when another one serves it; when none does,
+            it waits for the same backend to come back (the grace of the module
+            docstring). With C{exclude=False} (the backend was busy) it may go anywhere.
+        @return: fires with a new lease; errbacks with L{BadGateway} when no backend that
+            was not tried yet serves the request (at once, or later when the pool changes
+            so), L{Unavailable} when no backend will serve it any more, on a queue timeout
+            or shutdown. Cancelling it removes the request like a queued one.
         @raise RuntimeError: when the lease was already released or retried.
         """
-        return self._scheduler._retry(self)
+        return self._scheduler._retry(self, exclude)
 
 
 @attrs.define(eq=False)
@@ -466,6 +471,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._queued = 0
+        self._queuedBytes = 0
+        self._peerQueued: dict[str, int] = {}
         self._active = 0
         self._backlogged = 0
         self._meanLease: float | None = None
@@ -476,6 +483,8 @@ class Scheduler:
         # At most one entry per user: (deadline, tiebreak, user); see _maybeIdle.
         self._idle: list[tuple[float, int, _User]] = []
         self._idleCall: IDelayedCall | None = None
+        # Wakes _poolChanged when the grace of an unavailable backend ends.
+        self._graceCall: IDelayedCall | None = None
         # Reentrancy: Deferreds to fire once the state is consistent, and the loop's flags.
         self._outbox: deque[tuple[Deferred[Lease], Lease | Exception]] = deque()
         self._running = False
@@ -511,7 +520,7 @@ class Scheduler:
         """
         if self._stopped:
             return fail(self._shuttingDown())
-        if not self._pool.canServe(job.kinds, job.model):
+        if not self._servedSoon(job.kinds, job.model, frozenset()):
             return fail(self._noBackend(job))
         user = self._users.get(job.user)
         if user is not None:
@@ -524,6 +533,16 @@ class Scheduler:
                         retryAfter=self._userRetryAfter(job),
                     )
                 )
+        peerLimit = self._config.maxQueuedPerPeer
+        if job.peer is not None and self._peerQueued.get(job.peer, 0) >= peerLimit:
+            # One client address cannot take more of the queue by making up user ids.
+            return fail(
+                TooManyRequests(
+                    f"too many queued requests from {job.peer} (limit {peerLimit})",
+                    code="peer_queue_full",
+                    retryAfter=self._userRetryAfter(job),
+                )
+            )
         if self._queued >= self._config.maxQueuedTotal:
             return fail(
                 Unavailable(
@@ -532,8 +551,18 @@ class Scheduler:
                     retryAfter=self._config.healthInterval,
                 )
             )
+        if self._queuedBytes + job.size > self._config.maxQueuedBytes:
+            return fail(
+                Unavailable(
+                    "the proxy holds as many queued request bodies as it may",
+                    code="queue_bytes_full",
+                    retryAfter=self._config.healthInterval,
+                )
+            )
         if user is None:
             # Created only once admitted, so refused strangers leave no state behind.
+            if len(self._users) >= self._config.maxUsers:
+                self._forgetLeastRecent()
             user = self._users[job.user] = _User(id=job.user)
         ticket = _Ticket(
             job=job,
@@ -607,10 +636,10 @@ class Scheduler:
         self._stopped = True
         for cls in list(self._classes.values()):
             self._failClass(cls, self._shuttingDown)
-        for call in (self._deadlineCall, self._idleCall):
+        for call in (self._deadlineCall, self._idleCall, self._graceCall):
             if call is not None and call.active():
                 call.cancel()
-        self._deadlineCall = self._idleCall = None
+        self._deadlineCall = self._idleCall = self._graceCall = None
         self._deadlines.clear()
         self._idle.clear()
         self._run()
@@ -716,7 +745,11 @@ class Scheduler:
         queue.insert(ticket)
         user.queued += 1
         self._queued += 1
+        self._hold(job, 1)
         ticket.deferred = Deferred(lambda d: self._cancel(ticket))
+        if self._graceCall is None:
+            # It may be waiting for a backend to come back: its grace must end in time.
+            self._armGrace(ticket.queuedSince)
         if isNew or (oldHead is not None and ticket.seq < oldHead.seq):
             # New queue, or a retried request now heads it: its key went down.
             self._index(queue)
@@ -813,6 +846,7 @@ class Scheduler:
                 queue.compact()
         user.queued -= 1
         self._queued -= 1
+        self._hold(job, -1)
         if user.queued == 0:
             self._backlogged -= 1
         self._maybeIdle(user)
@@ -941,6 +975,7 @@ class Scheduler:
             self._dropQueue(queue)
         user.queued -= 1
         self._queued -= 1
+        self._hold(job, -1)
         if user.queued == 0:
             self._backlogged -= 1
         tier = user.tier
@@ -1046,7 +1081,7 @@ class Scheduler:
                 # they are lower bounds, fixed when they reach the top.)
                 self._reindexUser(user)
 
-    def _retry(self, lease: Lease) -> Deferred[Lease]:
+    def _retry(self, lease: Lease, exclude: bool) -> Deferred[Lease]:
         """
         See L{Lease.retry}.
         """
@@ -1056,15 +1091,16 @@ class Scheduler:
         old = lease._ticket
         job = old.job
         self._refund(user, lease)
-        excluded = old.excluded | {lease.backend}
+        excluded = old.excluded
+        if exclude:
+            others = excluded | {lease.backend}
+            if self._servedSoon(job.kinds, job.model, others):
+                excluded = others
         error: Exception | None = None
         if self._stopped:
             error = self._shuttingDown()
-        elif not any(
-            b.available and b.serves(job.kinds, job.model) and b not in excluded
-            for b in self._pool.backends
-        ):
-            error = self._noOtherBackend(job)
+        elif not self._servedSoon(job.kinds, job.model, excluded):
+            error = self._noOtherBackend(job) if excluded else self._noBackend(job)
         if error is not None:
             self._maybeIdle(user)
             self._run()
@@ -1091,9 +1127,9 @@ class Scheduler:
         """
         if self._stopped:
             return
-        available = [b for b in self._pool.backends if b.available]
+        now = self._clock.seconds()
         for cls in list(self._classes.values()):
-            if any(cls.servedBy(b) for b in available):
+            if self._servedSoon(cls.kinds, cls.model, cls.excluded, now):
                 continue
             job = Job(user="", kinds=cls.kinds, model=cls.model)
             # A retried request lost its last untried backend: that is the backend
@@ -1102,7 +1138,59 @@ class Scheduler:
                 self._noOtherBackend if cls.excluded else self._noBackend
             )
             self._failClass(cls, functools.partial(makeError, job))
+        self._armGrace(now)
         self._run()
+
+    def _downGrace(self) -> float:
+        """
+        How long requests wait for an unavailable backend to come back.
+        """
+        grace = self._config.downGrace
+        return grace if grace is not None else 3 * self._config.healthInterval
+
+    def _servedSoon(
+        self,
+        kinds: frozenset[str],
+        model: str | None,
+        excluded: frozenset[Backend],
+        now: float | None = None,
+    ) -> bool:
+        """
+        Whether a request with these needs can be served now, or should wait: some backend
+        it has not tried serves it and is available, busy for a while, or unavailable for
+        less than the grace (L{Backend.recovering}).
+        """
+        if now is None:
+            now = self._clock.seconds()
+        grace = self._downGrace()
+        return any(
+            b.serves(kinds, model)
+            and b not in excluded
+            and (b.available or b.recovering(now, grace))
+            for b in self._pool.backends
+        )
+
+    def _armGrace(self, now: float) -> None:
+        """
+        Make sure the pool is looked at again when the next unavailable backend's grace
+        ends, so the requests waiting only for it then get their error.
+        """
+        grace = self._downGrace()
+        ends = [
+            b.unavailableSince + grace
+            for b in self._pool.backends
+            if b.state != ONLINE and not b.draining and b.unavailableSince is not None
+            and b.unavailableSince + grace > now
+        ]
+        call = self._graceCall
+        if call is not None and call.active():
+            if ends and abs(call.getTime() - min(ends)) < _EPSILON:
+                return
+            call.cancel()
+        self._graceCall = None
+        if ends and self._classes:
+            self._graceCall = self._clock.callLater(min(ends) - now + _EPSILON,
+                                                    self._poolChanged)
 
     # --- timers ---
 
@@ -1133,6 +1221,40 @@ class Scheduler:
                 )
         self._armDeadlines()
         self._run()
+
+    def _hold(self, job: Job, sign: int) -> None:
+        """
+        Count a job in (C{sign} 1) or out of (-1) the queued totals kept per client
+        address and in body bytes.
+        """
+        self._queuedBytes += sign * job.size
+        peer = job.peer
+        if peer is not None:
+            count = self._peerQueued.get(peer, 0) + sign
+            if count:
+                self._peerQueued[peer] = count
+            else:
+                del self._peerQueued[peer]
+
+    def _forgetLeastRecent(self) -> None:
+        """
+        Make room for a new user when C{maxUsers} are tracked: forget the idle users that
+        were active least recently (configured users, users with a policy and users with
+        requests are never forgotten), so made-up user ids cannot grow memory.
+        """
+        forget = self._config.idleForget
+        while self._idle and len(self._users) >= self._config.maxUsers:
+            entry = heapq.heappop(self._idle)
+            user = entry[2]
+            user.idlePending = False
+            if self._users.get(user.id) is not user or not self._idleEligible(user):
+                continue
+            if user.idleSince + forget > entry[0] + _EPSILON:
+                # Active again since the entry was made: put it back at its real place.
+                user.idlePending = True
+                heapq.heappush(self._idle, (user.idleSince + forget, next(self._pushes), user))
+                continue
+            del self._users[user.id]
 
     def _idleEligible(self, user: _User) -> bool:
         """

@@ -6,6 +6,7 @@ The twistd plugin's options and the one place that wires the daemon's objects to
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 from twisted.application import service
@@ -14,7 +15,6 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -23,7 +23,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from ollamamq.aggregate import Aggregator
-from ollamamq.api import ProxyAPI, bodyLimitedRequest
+from ollamamq.api import ProxyAPI
 from ollamamq.backends import Backend, BackendPool
 from ollamamq.config import (
     Config,
@@ -32,6 +32,7 @@ from ollamamq.config import (
     buildConfig,
     loadConfigFile,
 )
+from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog
@@ -43,8 +44,9 @@ log = Logger()
 # How long a stopping daemon lets running requests finish before cutting them.
 DRAIN_GRACE = 30.0
 
-# How soon a backend that failed a request is probed again (instead of a whole interval).
-RECHECK_DELAY = 1.0
+# Descriptors the daemon needs beyond one per queued connection: backend connections,
+# listening sockets, log files, the state database.
+SPARE_DESCRIPTORS = 256
 
 
 def _port(value: str) -> int:
@@ -123,11 +125,15 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         for description in self.config.listen:
             try:
-                # Parsing only: a memory reactor, since twistd installs the real one later.
-                endpoints.serverFromString(MemoryReactor(), description)
+                # Parsing only (no reactor: twistd installs the real one later).
+                endpoints.serverFromString(None, description)
             except KeyError as e:
                 raise usage.UsageError(
                     f"--listen {description!r}: systemd passed no socket named {e}"
+                ) from None
+            except IndexError:
+                raise usage.UsageError(
+                    f"--listen {description!r}: systemd passed fewer sockets than that index"
                 ) from None
             except (ValueError, TypeError) as e:
                 raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}") from None
@@ -231,6 +237,34 @@ class _DrainService(service.Service):
         return d
 
 
+class _FileLimitService(service.Service):
+    """
+    At start, raise the soft limit on open files to the hard limit, and warn when even that
+    cannot hold a connection per queued request (C{max_queued_total}).
+    """
+
+    def __init__(self, needed: int) -> None:
+        self._needed = needed
+
+    def startService(self) -> None:
+        super().startService()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError) as e:
+                log.warn("Could not raise the open-file limit from {soft}: {error}",
+                         soft=soft, error=e)
+        if soft != resource.RLIM_INFINITY and soft < self._needed:
+            log.warn(
+                "The open-file limit is {limit}, below the {needed} that max_queued_total "
+                "connections need; raise it (systemd: LimitNOFILE=) or lower "
+                "max_queued_total",
+                limit=soft, needed=self._needed,
+            )
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """
     Build the daemon: HTTP front, scheduler, backend pool, health checks.
@@ -248,24 +282,38 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     httpPool = _QuietConnectionPool(reactor, persistent=True)
     httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
     agent = Agent(reactor, pool=httpPool)
+    # For the one retry of a request lost on a stale keep-alive connection.
+    freshAgent = Agent(reactor, pool=_QuietConnectionPool(reactor, persistent=False))
     http = HTTPClient(agent)
 
     pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
-    health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout)
+    health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout,
+                           downAfter=config.downAfter)
+    relay = Relay(agent, reactor, config.timeout, config.firstByteTimeout, freshAgent)
+    forwarder = Forwarder(
+        pool=pool,
+        scheduler=scheduler,
+        relay=relay,
+        catalog=catalog,
+        clock=reactor,
+        # A backend that failed a request is probed again at once: a restart is brief.
+        recheck=health.probeSoon,
+        downAfter=config.downAfter,
+    )
     api = ProxyAPI(
         config=config,
         pool=pool,
         scheduler=scheduler,
-        relay=Relay(agent, reactor, config.timeout),
+        forwarder=forwarder,
         identity=IdentityResolver(config),
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
-        recheck=lambda backend: health.probeSoon(backend, delay=RECHECK_DELAY),
     )
 
+    _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
     health.service().setServiceParent(top)
     if config.demo:
@@ -276,8 +324,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = Site(api.resource())
-    site.requestFactory = bodyLimitedRequest(config.maxBodyBytes)
+    site = Site(api.resource(), reactor=reactor)
+    site.requestFactory = api.frontRules().requestFactory()
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
         listener = StreamServerEndpointService(endpoint, site)

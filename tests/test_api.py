@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.api import ProxyAPI
+from ollamamq.forward import MAX_FAILED_ATTEMPTS, Forwarder
 from ollamamq.backends import Backend, BackendPool
 from ollamamq.config import Config, ModelRule, UserConfig
 from ollamamq.health import HealthChecker
@@ -66,6 +67,60 @@ class RefusingAgent:
         return self.agent.request(method, uri, headers, bodyProducer)
 
 
+class BusyOnce:
+    """
+    An agent whose first request to host C{host} is answered C{code} with C{body} (and
+    C{Retry-After}) by a resource of its own, the rest delegated. Flush C{answers} to move
+    that answer.
+    """
+
+    def __init__(self, agent: Any, host: bytes, code: int, body: bytes,
+                 retryAfter: bytes | None = None) -> None:
+        self.agent = agent
+        self.host = host
+        self.used = False
+
+        class Answer(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                request.setResponseCode(code)
+                if retryAfter is not None:
+                    request.setHeader(b"retry-after", retryAfter)
+                return body
+
+        self.answers = RequestTraversalAgent(Answer())
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        from urllib.parse import urlsplit
+
+        if self.used or urlsplit(uri).hostname != self.host:
+            return self.agent.request(method, uri, headers, bodyProducer)
+        self.used = True
+        return self.answers.request(method, uri, headers, bodyProducer)
+
+
+class StaleOnce:
+    """
+    An agent whose first request fails as a dropped keep-alive connection does.
+    """
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.calls = 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        self.calls += 1
+        if self.calls == 1:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+
 class Proxy:
     """
     An in-memory proxy in front of simulators, with helpers to drive it.
@@ -87,19 +142,34 @@ class Proxy:
         )
         self.scheduler = Scheduler(self.pool, self.clock, self.config)
         self.rechecked: list[Backend] = []
+        # More in-memory agents to move bytes through on every flush.
+        self.flushing: list[Any] = []
         catalog = ModelCatalog(self.config.models)
         self.health = HealthChecker(self.pool, self.backendHTTP, self.clock, 10, 5)
+        self.relay = Relay(self.relayAgent, self.clock, self.config.timeout,
+                           self.config.firstByteTimeout)
+        self.forwarder = Forwarder(
+            pool=self.pool,
+            scheduler=self.scheduler,
+            relay=self.relay,
+            catalog=catalog,
+            clock=self.clock,
+            recheck=self.rechecked.append,
+            downAfter=self.config.downAfter,
+        )
         self.api = ProxyAPI(
             config=self.config,
             pool=self.pool,
             scheduler=self.scheduler,
-            relay=Relay(self.relayAgent, self.clock, self.config.timeout),
+            forwarder=self.forwarder,
             identity=IdentityResolver(self.config),
             catalog=catalog,
             aggregator=Aggregator(self.pool, self.backendHTTP, self.clock, catalog, 5),
-            recheck=self.rechecked.append,
         )
+        # The proxy's own request class, as tap.py sets it, so the front's early checks
+        # run as in the daemon.
         self.client = StubTreq(self.api.resource())
+        self.client._agent._serverFactory.requestFactory = self.api.frontRules().requestFactory()
         self.probe()
 
     def probe(self) -> None:
@@ -116,6 +186,8 @@ class Proxy:
         """
         for _ in range(6):
             self.backendAgent.flush()
+            for agent in self.flushing:
+                agent.flush()
             self.client.flush()
 
     def advance(self, seconds: float, steps: int = 1) -> None:
@@ -410,12 +482,37 @@ class BadInputTests(SynchronousTestCase):
 
     def test_timeoutBeforeFirstByte(self) -> None:
         """
-        A backend silent for the idle timeout before answering is a 504.
+        A backend silent for the first-byte timeout before answering is a 504.
         """
-        proxy = Proxy(self, {"slow": sim(name="slow", loadDelay=100)}, timeout=5.0)
+        proxy = Proxy(self, {"slow": sim(name="slow", loadDelay=100)}, timeout=1.0,
+                      firstByteTimeout=5.0)
         response, content = proxy.complete("POST", "/api/chat", CHAT, seconds=10)
         self.assertEqual(response.code, 504)
         self.assertIn("sent nothing for 5s", json.loads(content)["error"])
+
+    def test_firstByteTimeoutStrikes(self) -> None:
+        """
+        A backend that reaches the first-byte timeout twice in a row is marked failed
+        (suspect); once is not enough.
+        """
+        proxy = Proxy(self, {"slow": sim(name="slow", loadDelay=100)}, firstByteTimeout=5.0)
+        backend = proxy.pool.get("slow")
+        proxy.complete("POST", "/api/chat", CHAT, seconds=6)
+        self.assertEqual((backend.state, backend.firstByteTimeouts), ("online", 1))
+        proxy.complete("POST", "/api/chat", CHAT, seconds=6)
+        self.assertEqual(backend.state, "suspect")
+        self.assertEqual(proxy.rechecked, [backend])
+
+    def test_slowNonStreamingAnswerUnderShortIdleTimeout(self) -> None:
+        """
+        The idle timeout does not bound the wait for the first byte: a C{"stream": false}
+        answer that takes longer than it, well within the first-byte timeout, succeeds.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1", tps=1, tokens=3)}, timeout=1.0)
+        response, content = proxy.complete("POST", "/api/chat", dict(CHAT, stream=False),
+                                           seconds=10)
+        self.assertEqual(response.code, 200)
+        self.assertTrue(json.loads(content)["done"])
 
 
 class FailoverTests(SynchronousTestCase):
@@ -443,22 +540,68 @@ class FailoverTests(SynchronousTestCase):
         self.assertTrue(proxy.pool.get("b").online)
         self.assertEqual(proxy.scheduler.active, 0)
 
-    def test_noOtherBackend(self) -> None:
+    def test_onlyBackendFailsEveryAttempt(self) -> None:
         """
-        When no other backend is left the client gets a 502.
+        When the only backend fails, the request waits for it instead of failing at once;
+        each time a probe finds it well the request is sent again, and after
+        L{MAX_FAILED_ATTEMPTS} failed attempts the client gets a 502 naming the failure.
         """
         proxy = Proxy(self, {"a": sim(name="a")})
         self.failing(proxy, "a")
-        response, content = proxy.complete("POST", "/api/chat", CHAT)
+        d = proxy.request("POST", "/api/chat", CHAT)
+        self.assertNoResult(d)
+        self.assertEqual(proxy.pool.get("a").state, "suspect")
+        self.assertEqual(proxy.scheduler.queued, 1)
+        for _ in range(MAX_FAILED_ATTEMPTS - 1):
+            proxy.probe()
+        response = self.successResultOf(d)
         self.assertEqual(response.code, 502)
-        self.assertEqual(proxy.scheduler.active, 0)
+        proxy.flush()
+        error = json.loads(self.successResultOf(treq.content(response)))["error"]
+        self.assertIn("backend a answered 503", error)
+        self.assertEqual(proxy.sims["a"].stats["requests"], MAX_FAILED_ATTEMPTS)
+        self.assertEqual((proxy.scheduler.active, proxy.scheduler.queued), (0, 0))
+
+    def test_onlyBackendComesBack(self) -> None:
+        """
+        A request whose only backend failed is served once a probe finds the backend
+        working again: the client never sees the failure.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")})
+        self.failing(proxy, "a")
+        d = proxy.request("POST", "/api/chat", CHAT)
+        self.failing(proxy, "a", None)
+        proxy.probe()
+        proxy.advance(5)
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_graceEnds(self) -> None:
+        """
+        Requests wait for an unavailable backend for C{down_grace} seconds; then each
+        gets a shaped 503 with C{Retry-After}, and new requests get it at once.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")}, downGrace=20.0)
+        proxy.relayAgent.refused.add(b"a")
+        first = proxy.request("POST", "/v1/chat/completions", CHAT)
+        second = proxy.request("POST", "/v1/chat/completions", CHAT)
+        proxy.advance(19)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        proxy.advance(2)
+        for d in (first, second):
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 503)
+            self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        code, _ = proxy.complete("POST", "/v1/chat/completions", CHAT, seconds=0)
+        self.assertEqual(code.code, 503)
 
     def test_connectionRefused(self) -> None:
         """
         A refused connection fails over to the other backend; with none left the client
-        gets a 502 in its family's shape, and the refusing backend is offline.
+        gets a 502 in its family's shape once the grace is over, naming the failure
+        without the backend's address.
         """
-        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")})
+        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")}, downGrace=20.0)
         proxy.relayAgent.refused.add(b"a")
         codes = [proxy.complete("POST", "/api/chat", CHAT)[0].code for _ in range(3)]
         self.assertEqual(codes, [200, 200, 200])
@@ -470,10 +613,61 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(response.code, 502)
         error = json.loads(content)["error"]
         self.assertEqual((error["type"], error["code"]), ("server_error", "backend_failed"))
-        self.assertIn("Connection was refused", error["message"])
+        self.assertIn("connection refused", error["message"])
+        self.assertNotIn("http://", error["message"])
         self.assertEqual(proxy.scheduler.active, 0)
         self.assertEqual(sorted(b.name for b in proxy.rechecked), ["a", "a", "b"])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_busyBackendIsNotDown(self) -> None:
+        """
+        A 503 saying the backend is loading (llama-server) pauses it for its Retry-After
+        and puts the request back in its place; the backend stays online, counts no
+        failure, and serves the request when the pause is over.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")})
+        backend = proxy.pool.get("a")
+        busy = BusyOnce(proxy.relayAgent.agent, b"a", 503,
+                        b'{"error": {"code": 503, "message": "Loading model"}}', b"3")
+        proxy.relayAgent.agent = busy
+        proxy.flushing.append(busy.answers)
+        d = proxy.request("POST", "/api/chat", CHAT)
+        self.assertNoResult(d)
+        self.assertEqual((backend.state, backend.failures), ("online", 0))
+        self.assertFalse(backend.available)
+        self.assertEqual(proxy.rechecked, [])
+        proxy.advance(2.9, steps=29)
+        self.assertNoResult(d)
+        proxy.advance(3, steps=30)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertTrue(backend.available)
+
+    def test_tooManyRequestsIsBusy(self) -> None:
+        """
+        A backend's 429 is busy too: the client does not see it, the request waits.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")})
+        busy = BusyOnce(proxy.relayAgent.agent, b"a", 429, b"slow down")
+        proxy.relayAgent.agent = busy
+        proxy.flushing.append(busy.answers)
+        response, _ = proxy.complete("POST", "/api/chat", CHAT)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(proxy.pool.get("a").failures, 0)
+
+    def test_staleConnectionRetriedFresh(self) -> None:
+        """
+        A request lost on a pooled connection is sent once more on a fresh connection to
+        the same backend before anything counts as failed.
+        """
+        proxy = Proxy(self, {"a": sim(name="a")})
+        stale = StaleOnce(proxy.relayAgent.agent)
+        proxy.relay.agent = stale
+        proxy.relay.freshAgent = proxy.relayAgent
+        response, _ = proxy.complete("POST", "/api/chat", CHAT)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(stale.calls, 1)
+        self.assertTrue(proxy.pool.get("a").online)
+        self.assertEqual(proxy.rechecked, [])
 
     def test_internalErrorRelayed(self) -> None:
         """
@@ -700,77 +894,6 @@ class UnexpectedErrorTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         response, body = proxy.complete("GET", "/api/version")
         self.assertEqual(response.code, 200)
-
-
-class EarlyBodyLimitTests(SynchronousTestCase):
-    """
-    L{bodyLimitedRequest} refuses oversized bodies while they arrive.
-    """
-
-    def connect(self) -> tuple[Any, Any]:
-        """
-        A real HTTP channel of a site whose requests are limited to 100 bytes.
-        """
-        from twisted.internet.testing import MemoryReactorClock, StringTransport
-        from twisted.web.server import Site
-
-        from ollamamq.api import bodyLimitedRequest
-
-        rendered = []
-
-        class Recorder(Resource):
-            isLeaf = True
-
-            def render(self, request: Any) -> bytes:
-                rendered.append(request)
-                return b"ok"
-
-        # A memory reactor: the channel's idle timer must not land on the global one.
-        site = Site(Recorder(), reactor=MemoryReactorClock())
-        site.requestFactory = bodyLimitedRequest(100)
-        channel = site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        self.rendered = rendered
-        return channel, transport
-
-    def test_declaredLength(self) -> None:
-        """
-        A declared Content-Length over the limit is answered 413 (shaped for the route)
-        at once, before any body byte, and the connection is closed.
-        """
-        channel, transport = self.connect()
-        channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                             b"Content-Length: 50000000\r\n\r\n")
-        response = transport.value()
-        self.assertTrue(response.startswith(b"HTTP/1.1 413 "))
-        self.assertIn(b'"type": "invalid_request_error"', response)
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.rendered, [])
-
-    def test_chunkedBody(self) -> None:
-        """
-        A chunked body is refused once what arrived passes the limit.
-        """
-        channel, transport = self.connect()
-        channel.dataReceived(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
-        channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n")
-        self.assertEqual(transport.value(), b"")
-        channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n0\r\n\r\n")
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
-        self.assertEqual(self.rendered, [])
-
-    def test_smallAndBlobBodiesPass(self) -> None:
-        """
-        Bodies within the limit, and blob uploads of any size, are served.
-        """
-        channel, transport = self.connect()
-        channel.dataReceived(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        channel.dataReceived(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\n"
-                             b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
-        self.assertEqual(len(self.rendered), 2)
-        self.assertNotIn(b" 413 ", transport.value())
 
 
 class MethodTests(SynchronousTestCase):

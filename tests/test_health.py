@@ -13,7 +13,12 @@ from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,7 +27,18 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ollamamq.backends import OFFLINE, OLLAMA, ONLINE, OPENAI, UNKNOWN, Backend, BackendPool
+from ollamamq.backends import (
+    OFFLINE,
+    OLLAMA,
+    ONLINE,
+    OPENAI,
+    SUSPECT,
+    UNKNOWN,
+    Backend,
+    BackendPool,
+)
+from twisted.logger import formatEvent
+
 from ollamamq import health
 from ollamamq.health import HealthChecker, describeFailure
 
@@ -235,7 +251,9 @@ class ProbeTests(PoolFixture, SynchronousTestCase):
     def setUp(self) -> None:
         self.setUpPool()
         self.events: list[dict] = []
-        self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5)
+        # One failed probe is enough to be offline here: these tests are about what a
+        # probe finds; HysteresisTests are about how failures add up.
+        self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5, downAfter=1)
         self.checker.log = Logger(observer=self.events.append)
 
     def probe(self, backend: Backend) -> None:
@@ -382,7 +400,7 @@ class ProbeTests(PoolFixture, SynchronousTestCase):
         self.assertEqual((backend.state, backend.error), (ONLINE, None))
         self.assertGreater(self.notified, before + 1)
         self.assertTrue(self.pool.canServe(frozenset({OLLAMA}), "llama3:latest"))
-        messages = [e["log_format"].split(" is ")[1][:7] for e in self.events]
+        messages = [formatEvent(e).split(" is ")[1][:7] for e in self.events]
         self.assertEqual(messages, ["online:", "offline", "online:"])
 
     def test_hungDoesNotDelayOthers(self) -> None:
@@ -510,7 +528,9 @@ class FailureTests(PoolFixture, SynchronousTestCase):
 
     def setUp(self) -> None:
         self.setUpPool()
-        self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5)
+        # One failed probe is enough to be offline here: these tests are about what a
+        # probe finds; HysteresisTests are about how failures add up.
+        self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5, downAfter=1)
 
     def test_subscriberRaises(self) -> None:
         """
@@ -581,11 +601,102 @@ class FailureTests(PoolFixture, SynchronousTestCase):
         cases = [
             (ConnectionRefusedError(), "connection refused"),
             (DNSLookupError("nowhere"), "DNS lookup failed"),
-            (ResponseNeverReceived([Failure(ConnectionRefusedError())]), "connection lost"),
+            (ResponseNeverReceived([Failure(ConnectionRefusedError())]), "connection refused"),
+            (ResponseNeverReceived([Failure(ConnectionDone())]), "connection lost"),
+            # The underlying message names the host; the reason never does.
+            (ConnectError("10.0.0.5:11434", "no route to host"), "cannot connect"),
         ]
         for exception, reason in cases:
             error = describeFailure(Failure(exception))
             self.assertEqual((error.message, error.connection), (reason, True))
+
+
+class HysteresisTests(PoolFixture, SynchronousTestCase):
+    """
+    How failures add up: suspect after one, offline after C{down_after}, and probe results
+    ordered against request failures.
+    """
+
+    def setUp(self) -> None:
+        self.setUpPool()
+        self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5, downAfter=3)
+
+    def probe(self, backend: Backend) -> None:
+        self.assertIsNone(self.successResultOf(self.checker.probe(backend)))
+
+    def test_suspectThenOffline(self) -> None:
+        """
+        One failed probe makes an online backend suspect (no new requests, but not yet
+        offline); C{down_after} in a row make it offline; one good probe brings it back
+        and forgets the count.
+        """
+        backend, _ = self.addBackend("gpu1", ollamaRoutes(["llama3"]))
+        self.probe(backend)
+        self.net.down.add("gpu1")
+        self.clock.advance(1)
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.failures), (SUSPECT, 1))
+        self.assertFalse(backend.available)
+        self.assertEqual(backend.unavailableSince, 1)
+        self.probe(backend)
+        self.assertEqual(backend.state, SUSPECT)
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.failures), (OFFLINE, 3))
+        self.assertEqual(backend.unavailableSince, 1)
+        self.net.down.clear()
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.failures, backend.unavailableSince),
+                         (ONLINE, 0, None))
+
+    def test_requestFailureCounts(self) -> None:
+        """
+        A request failure (reported by the forwarder) counts like a failed probe.
+        """
+        backend, _ = self.addBackend("gpu1", ollamaRoutes(["llama3"]))
+        self.probe(backend)
+        self.pool.markFailed(backend, "backend gpu1 answered 502", self.clock.seconds(), 3)
+        self.assertEqual(backend.state, SUSPECT)
+        self.net.down.add("gpu1")
+        self.probe(backend)
+        self.probe(backend)
+        self.assertEqual(backend.state, OFFLINE)
+
+    def test_olderProbeDoesNotOverwriteFailure(self) -> None:
+        """
+        A probe that started before a request failed must not mark the backend online
+        with its older news; the backend is probed again instead, and that newer probe
+        decides.
+        """
+        routes = ollamaRoutes(["llama3"])
+        backend, fake = self.addBackend("gpu1", routes)
+        self.probe(backend)
+        routes["/api/tags"] = HANG
+        d = self.checker.probe(backend)
+        self.clock.advance(1)
+        self.pool.markFailed(backend, "backend gpu1 answered 502", self.clock.seconds(), 3)
+        routes["/api/tags"] = (200, {"models": [tagEntry("llama3")]})
+        held = fake.held[0]
+        self.finish(held, {"models": [tagEntry("llama3")]})
+        self.successResultOf(d)
+        self.assertEqual(backend.state, SUSPECT)
+        # The newer probe was scheduled at once and finds the backend well.
+        self.clock.advance(0)
+        self.net.flush()
+        self.assertEqual(backend.state, ONLINE)
+        self.assertEqual(fake.requests.count("/api/tags"), 3)
+
+    def test_messagesDialect(self) -> None:
+        """
+        Ollama serves the Anthropic Messages API from 0.14 on; older ones do not.
+        """
+        new, _ = self.addBackend("new", ollamaRoutes(["llama3"], version="0.14.1"))
+        old, _ = self.addBackend("old", ollamaRoutes(["llama3"], version="0.13.9"))
+        self.successResultOf(self.checker.probeAll())
+        self.assertEqual(new.dialects, frozenset({"ollama", "openai", "anthropic"}))
+        self.assertEqual(old.dialects, frozenset({"ollama", "openai"}))
+        self.assertTrue(self.pool.canServe(frozenset({"anthropic"}), "llama3:latest"))
+        self.pool.remove("new")
+        self.assertFalse(self.pool.canServe(frozenset({"anthropic"}), "llama3:latest"))
 
 
 class ServiceTests(PoolFixture, SynchronousTestCase):

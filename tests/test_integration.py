@@ -265,7 +265,7 @@ class PoolTests(ProcessTestCase):
         for code, body, response in [await d for d in streams]:
             self.assertEqual((code, served(response)), (200, "b"))
             self.assertTrue(json.loads(body.splitlines()[-1])["done"])
-        await proxy.waitFor(r"marking it offline and failing over")
+        await proxy.waitFor(r"; failing over")
 
         # Restart a on its port: the next probe brings it back and traffic returns.
         aURL2, a2 = await self.startSimulator("--models", "llama3.2,qwen2.5", "--name", "a",

@@ -14,9 +14,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel, Request
 
-from ollamamq.backends import OLLAMA, OPENAI, Backend, BackendPool
+from ollamamq.backends import ANTHROPIC_API, OLLAMA, OLLAMA_API, OPENAI, OPENAI_API, Backend, BackendPool
 from ollamamq.translate.common import TranslatedResponse
-from ollamamq.translate.plan import ANY_KIND, OLLAMA_ONLY, Translator
+from ollamamq.translate.plan import Translator
 from tests.test_api import CHAT, Proxy, sim
 
 MESSAGES = {"model": "llama3", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
@@ -31,53 +31,64 @@ def ndjson(body: bytes) -> list[dict]:
 
 class KindsTests(SynchronousTestCase):
     """
-    Tests for L{Translator.kindsFor} and L{Translator.needed}: a native backend is
-    preferred, translation is the fallback.
+    Tests for L{Translator.kindsFor} and L{Translator.needed}: a backend of the
+    request's own dialect is preferred, translation is the fallback.
     """
 
     def setUp(self) -> None:
         self.ollama = Backend("o", "http://o")
         self.openai = Backend("v", "http://v")
         self.pool = BackendPool([self.ollama, self.openai])
-        self.pool.markOnline(self.ollama, OLLAMA, ["both:latest"])
+        self.pool.markOnline(self.ollama, OLLAMA, ["both:latest"],
+                             dialects=(OLLAMA_API, OPENAI_API, ANTHROPIC_API))
         self.pool.markOnline(self.openai, OPENAI, ["both:latest", "only-openai"])
         self.translator = Translator(None, None)  # type: ignore[arg-type]
 
     def test_nativePreferred(self) -> None:
         """
-        An Ollama route for a model an available Ollama backend has needs Ollama; for a
-        model only OpenAI backends have, either kind (translated on OpenAI).
+        A translatable request for a model an available backend of its own dialect has
+        needs that dialect; for a model only OpenAI backends have, OpenAI's too.
         """
-        self.assertEqual(self.translator.kindsFor(b"/api/chat", "both:latest", self.pool), OLLAMA_ONLY)
-        self.assertEqual(self.translator.kindsFor(b"/api/chat", "only-openai:latest", self.pool), ANY_KIND)
+        ollama, both = frozenset({OLLAMA_API}), frozenset({OLLAMA_API, OPENAI_API})
+        self.assertEqual(self.translator.kindsFor(b"/api/chat", "both:latest", self.pool), ollama)
+        self.assertEqual(self.translator.kindsFor(b"/api/chat", "only-openai:latest", self.pool), both)
+        anthropic = frozenset({ANTHROPIC_API})
+        self.assertEqual(self.translator.kindsFor(b"/v1/messages", "both:latest", self.pool), anthropic)
+        self.assertEqual(self.translator.kindsFor(b"/v1/messages/count_tokens", "only-openai:latest",
+                                                  self.pool), anthropic | {OPENAI_API})
         self.pool.drain("o")
-        self.assertEqual(self.translator.kindsFor(b"/api/embed", "both:latest", self.pool), ANY_KIND)
+        self.assertEqual(self.translator.kindsFor(b"/api/embed", "both:latest", self.pool), both)
 
     def test_untranslatableRoutes(self) -> None:
         """
-        Other native routes stay Ollama-only; C{/v1/*} takes either kind.
+        Other routes keep their own dialect.
         """
-        self.assertEqual(self.translator.kindsFor(b"/api/pull", "only-openai:latest", self.pool), OLLAMA_ONLY)
-        self.assertEqual(self.translator.kindsFor(b"/api/chat", None, self.pool), OLLAMA_ONLY)
-        self.assertEqual(self.translator.kindsFor(b"/v1/chat/completions", "both:latest", self.pool), ANY_KIND)
+        self.assertEqual(self.translator.kindsFor(b"/api/pull", "only-openai:latest", self.pool),
+                         frozenset({OLLAMA_API}))
+        self.assertEqual(self.translator.kindsFor(b"/api/chat", None, self.pool), frozenset({OLLAMA_API}))
+        self.assertEqual(self.translator.kindsFor(b"/v1/chat/completions", "only-openai:latest", self.pool),
+                         frozenset({OPENAI_API}))
+        self.assertEqual(self.translator.acceptable(b"/v1/embeddings"), frozenset({OPENAI_API}))
+        self.assertEqual(self.translator.acceptable(b"/api/generate"), frozenset({OLLAMA_API, OPENAI_API}))
 
     def test_needed(self) -> None:
         """
-        Ollama routes are translated on OpenAI backends only; Messages only on backends
-        found to lack the route.
+        Translatable routes are translated on backends that lack their dialect, and
+        Messages on backends found to lack the route.
         """
         self.assertTrue(self.translator.needed(b"/api/chat", self.openai))
         self.assertFalse(self.translator.needed(b"/api/chat", self.ollama))
         self.assertFalse(self.translator.needed(b"/v1/chat/completions", self.openai))
-        self.assertFalse(self.translator.needed(b"/v1/messages", self.openai))
+        self.assertTrue(self.translator.needed(b"/v1/messages", self.openai))
+        self.assertFalse(self.translator.needed(b"/v1/messages", self.ollama))
 
         class Missing:
             code = 404
 
-        self.assertFalse(self.translator.lacksMessages(b"/v1/chat/completions", self.openai, Missing()))
-        self.assertTrue(self.translator.lacksMessages(b"/v1/messages", self.openai, Missing()))
-        self.assertTrue(self.translator.needed(b"/v1/messages/count_tokens", self.openai))
-        self.assertFalse(self.translator.needed(b"/v1/messages", self.ollama))
+        self.assertFalse(self.translator.lacksMessages(b"/v1/chat/completions", self.ollama, Missing()))
+        self.assertTrue(self.translator.lacksMessages(b"/v1/messages", self.ollama, Missing()))
+        self.assertTrue(self.translator.needed(b"/v1/messages/count_tokens", self.ollama))
+        self.assertFalse(self.translator.needed(b"/api/chat", self.ollama))
 
 
 class ThroughProxyTests(SynchronousTestCase):
@@ -197,10 +208,10 @@ class ThroughProxyTests(SynchronousTestCase):
         self.assertEqual(self.proxy.scheduler.active, 0)
         self.flushLoggedErrors(RuntimeError)
 
-    def test_messagesFallBack(self) -> None:
+    def test_messages(self) -> None:
         """
-        A backend that answers 404 to Messages gets it as a chat completion, and later
-        Messages requests go there translated at once.
+        A backend without the Messages dialect gets Messages requests as chat
+        completions: whole, streamed, and token counts.
         """
         response, body = self.proxy.complete("POST", "/v1/messages", MESSAGES)
         self.assertEqual(response.code, 200)
@@ -219,6 +230,25 @@ class ThroughProxyTests(SynchronousTestCase):
         response, body = self.proxy.complete("POST", "/v1/messages/count_tokens",
                                              {"model": "llama3", "messages": MESSAGES["messages"]})
         self.assertEqual(json.loads(body), {"input_tokens": 1})
+
+    def test_messagesFallBack(self) -> None:
+        """
+        A backend that claims the Messages dialect (an Ollama 0.14) but answers it 404
+        gets the request again as a chat completion, and later ones translated at once.
+        """
+        proxy = Proxy(self, {"ollama": sim(name="ollama", version="0.14.0")})
+        backend = proxy.pool.get("ollama")
+        self.assertIn("anthropic", backend.dialects)
+        translator = proxy.forwarder.translator
+        self.assertFalse(translator.needed(b"/v1/messages", backend))
+        response, body = proxy.complete("POST", "/v1/messages", MESSAGES)
+        self.assertEqual((response.code, json.loads(body)["type"]), (200, "message"))
+        self.assertTrue(translator.needed(b"/v1/messages", backend))
+        response, body = proxy.complete("POST", "/v1/messages", MESSAGES)
+        self.assertEqual((response.code, json.loads(body)["type"]), (200, "message"))
+        # (The simulator logs only the requests it serves, not its 404s.)
+        self.assertEqual([e["path"] for e in proxy.sims["ollama"].stats["log"]],
+                         ["/v1/chat/completions", "/v1/chat/completions"])
 
     def test_messagesRefused(self) -> None:
         """

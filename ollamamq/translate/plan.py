@@ -3,18 +3,18 @@
 When a request is translated, and how its translated answer reaches the client.
 
 The rule: a request is translated only when the backend it was granted does not speak
-its dialect.
+its dialect (L{ollamamq.front.dialectsFor}; the probes record what each backend speaks).
 
-  - Ollama's C{/api/chat}, C{/api/generate}, C{/api/embed} and C{/api/embeddings} may go
-    to an OpenAI-only backend only when no available Ollama backend has the model
-    (L{Translator.kindsFor}): a native Ollama backend is always preferred, even when it
-    is busy, because its answer is Ollama's own (token contexts, real load times) and
-    the request waits in its user's queue either way.
-  - Anthropic C{/v1/messages} (and C{count_tokens}) goes to the backend natively first:
-    Ollama (0.14 and later) and llama-server have the route. A backend that answers it
-    404, 405 or 501 although it lists the model lacks the route; it is remembered
-    (L{Translator.lacksMessages}) and this and later requests are sent to it as chat
-    completions.
+  - A translatable request (Ollama's C{/api/chat}, C{/api/generate}, C{/api/embed},
+    C{/api/embeddings}; Anthropic's C{/v1/messages} and C{count_tokens}) may go to a
+    backend that speaks only OpenAI's dialect only when no available backend that
+    speaks its own has the model (L{Translator.kindsFor}). A native backend is always
+    preferred, even when it is busy: its answer is the dialect's own (Ollama's token
+    contexts and load times, Anthropic's stop sequences), and the request waits in its
+    user's queue either way.
+  - A backend that claims the Messages dialect but answers it 404, 405 or 501 (a build
+    without the route) is remembered (L{Translator.lacksMessages}); this and later
+    Messages requests are sent to it as chat completions.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IRequest, IResponse
 
-from ollamamq.backends import OLLAMA as OLLAMA_KIND
-from ollamamq.backends import OPENAI as OPENAI_KIND
-from ollamamq.backends import Backend, BackendPool
+from ollamamq.backends import OPENAI_API, Backend, BackendPool
 from ollamamq.errors import BadGateway
+from ollamamq.front import dialectsFor
 from ollamamq.relay import BodyTooLong, Relay, describeFailure, forwardedHeaders
 from ollamamq.translate import anthropic_openai, ollama_openai
 from ollamamq.translate.common import (
@@ -44,11 +43,9 @@ from ollamamq.translate.common import (
 
 OLLAMA_ROUTES = frozenset({b"/api/chat", b"/api/generate", b"/api/embed", b"/api/embeddings"})
 ANTHROPIC_ROUTES = frozenset({b"/v1/messages", b"/v1/messages/count_tokens"})
+TRANSLATABLE = OLLAMA_ROUTES | ANTHROPIC_ROUTES
 
-OLLAMA_ONLY = frozenset({OLLAMA_KIND})
-ANY_KIND = frozenset({OLLAMA_KIND, OPENAI_KIND})
-
-#: Statuses of a backend that has no such route (Ollama before 0.14, vLLM, LM Studio).
+#: Statuses of a backend that has no such route.
 MISSING_ROUTE = frozenset({404, 405, 501})
 
 # Headers of a backend answer that describe its body, not the translated one.
@@ -68,31 +65,39 @@ class Translator:
         self.relay = relay
         self._noMessages: set[str] = set()
 
+    def acceptable(self, path: bytes) -> frozenset[str]:
+        """
+        Every dialect a request on C{path} can be served in: its own, and OpenAI's when
+        the route is translatable.
+        """
+        native = dialectsFor(path)
+        return native | {OPENAI_API} if path in TRANSLATABLE else native
+
     def kindsFor(self, path: bytes, model: str | None, pool: BackendPool) -> frozenset[str]:
         """
-        The backend kinds a request may be granted: native C{/api/*} routes need Ollama
-        unless no available Ollama backend has the model and the route is translatable.
+        The dialects a request may be granted a backend of: its own, or OpenAI's too when
+        the route is translatable and no available backend of its own dialect has the
+        model.
         """
-        if not path.startswith(b"/api/"):
-            return ANY_KIND
-        if path in OLLAMA_ROUTES and model is not None and not pool.canServe(OLLAMA_ONLY, model):
-            return ANY_KIND
-        return OLLAMA_ONLY
+        native = dialectsFor(path)
+        if path in TRANSLATABLE and model is not None and not pool.canServe(native, model):
+            return native | {OPENAI_API}
+        return native
 
     def needed(self, path: bytes, backend: Backend) -> bool:
         """
         Whether a request on C{path} must be translated for C{backend}.
         """
-        if path in OLLAMA_ROUTES:
-            return backend.kind == OPENAI_KIND
-        if path in ANTHROPIC_ROUTES:
-            return backend.name in self._noMessages
-        return False
+        if path not in TRANSLATABLE:
+            return False
+        if path in ANTHROPIC_ROUTES and backend.name in self._noMessages:
+            return True
+        return backend.dialects.isdisjoint(dialectsFor(path))
 
     def lacksMessages(self, path: bytes, backend: Backend, response: IResponse) -> bool:
         """
         Whether C{response} to a native Anthropic request says C{backend} has no Messages
-        route; it is then remembered, and the caller retries translated.
+        route after all; it is then remembered, and the caller sends it again translated.
         """
         if path not in ANTHROPIC_ROUTES or response.code not in MISSING_ROUTE:
             return False

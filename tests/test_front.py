@@ -1,0 +1,252 @@
+"""
+Tests for L{ollamamq.front}: request targets, methods and body limits, checked when the
+headers arrive (on a real L{HTTPChannel}) and again when the request is rendered.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from ollamamq.errors import Forbidden, writeError
+from ollamamq.front import (
+    FrontResource,
+    FrontRules,
+    checkTarget,
+    dialectsFor,
+    familyFor,
+)
+from ollamamq.relay import targetURL
+
+
+def rules(**kwargs: Any) -> FrontRules:
+    """
+    Rules with small limits: bodies of 100 bytes, blobs of 1,000; C{/api/tags} takes GET
+    and HEAD; blobs need the header C{X-Admin-Key: k}.
+    """
+
+    def adminError(headers: Headers) -> Forbidden | None:
+        if headers.getRawHeaders(b"x-admin-key") == [b"k"]:
+            return None
+        return Forbidden("this route needs the admin key", code="admin_only")
+
+    kwargs.setdefault("maxBodyBytes", 100)
+    kwargs.setdefault("maxBlobBytes", 1000)
+    kwargs.setdefault("allowedMethods",
+                      lambda path: ["GET", "HEAD"] if path == b"/api/tags" else [])
+    kwargs.setdefault("adminError", adminError)
+    return FrontRules(**kwargs)
+
+
+class Recorder(Resource):
+    """
+    The route table's stand-in: records what reaches it.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rendered: list[Any] = []
+
+    def render(self, request: Any) -> bytes:
+        self.rendered.append((request.method, request.uri, request.content.read()))
+        return b"ok"
+
+
+class ChannelTests(SynchronousTestCase):
+    """
+    The front's request class on a real HTTP channel: refusals happen before any body
+    byte is accepted, shaped for the route, and close the connection.
+    """
+
+    def setUp(self) -> None:
+        self.recorder = Recorder()
+        self.rules = rules()
+        front = FrontResource(self.recorder, self.rules,
+                              lambda request, error: writeError(request, error, "ollama"))
+        # A memory reactor: the channel's idle timer must not land on the global one.
+        site = Site(front, reactor=MemoryReactorClock())
+        site.requestFactory = self.rules.requestFactory()
+        self.channel = site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        self.channel.dataReceived(data)
+        return self.transport.value()
+
+    def answer(self) -> tuple[int, dict, bytes]:
+        """
+        The status, headers and body of the one answer written so far.
+        """
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b": ")
+            headers[name.lower()] = value
+        return status, headers, body
+
+    def test_declaredLength(self) -> None:
+        """
+        A declared Content-Length over the limit is answered 413 (shaped for the route)
+        at once, before any body byte, and the connection is closed.
+        """
+        self.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 50000000\r\n\r\n")
+        status, headers, body = self.answer()
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")
+        self.assertEqual(int(headers[b"content-length"]), len(body))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.recorder.rendered, [])
+
+    def test_chunkedBody(self) -> None:
+        """
+        A chunked body is refused once what arrived passes the limit.
+        """
+        self.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(self.send(b"64\r\n" + b"x" * 100 + b"\r\n"), b"")
+        self.send(b"64\r\n" + b"x" * 100 + b"\r\n0\r\n\r\n")
+        self.assertEqual(self.answer()[0], 413)
+        self.assertEqual(self.recorder.rendered, [])
+
+    def test_smallAndBlobBodiesPass(self) -> None:
+        """
+        Bodies within the limit, and blob uploads within theirs and with the admin key,
+        are served; a blob is spooled to a named file, not kept in memory.
+        """
+        self.send(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nX-Admin-Key: k\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
+        self.assertEqual([r[2] for r in self.recorder.rendered], [b"{}", b"x" * 1000])
+        self.assertNotIn(b" 413 ", self.transport.value())
+
+    def test_blobOverItsLimit(self) -> None:
+        """
+        A blob has a limit of its own.
+        """
+        self.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\nX-Admin-Key: k\r\n"
+                  b"Content-Length: 1001\r\n\r\n")
+        self.assertEqual(self.answer()[0], 413)
+
+    def test_blobNeedsAdminKeyBeforeBody(self) -> None:
+        """
+        A blob upload without the admin key is refused when its headers arrive, before
+        any of its body is accepted.
+        """
+        self.send(b"POST /api/blobs/sha256:ab HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 900\r\n\r\n")
+        status, _, body = self.answer()
+        self.assertEqual((status, json.loads(body)), (403, {"error": "this route needs the admin key"}))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.recorder.rendered, [])
+
+    def test_targetWithoutSlash(self) -> None:
+        """
+        A request target without its leading slash is a shaped 400, and nothing is
+        rendered (it could be glued onto a backend's base URL).
+        """
+        self.send(b"POST X/api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        status, _, body = self.answer()
+        self.assertEqual(status, 400)
+        self.assertIn("must be a path", json.loads(body)["error"])
+        self.assertEqual(self.recorder.rendered, [])
+
+    def test_absoluteForm(self) -> None:
+        """
+        The absolute form, meant for forward proxies, is refused.
+        """
+        self.send(b"GET http://10.0.0.5/api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.answer()[0], 400)
+
+    def test_unknownMethod(self) -> None:
+        """
+        An unknown method is 405 with C{Allow} on a known path and 501 elsewhere, shaped,
+        with nothing rendered and nothing logged.
+        """
+        self.send(b"PROPFIND /api/tags HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = self.answer()
+        self.assertEqual((status, headers[b"allow"]), (405, b"GET, HEAD"))
+        self.assertIn("PROPFIND", json.loads(body)["error"])
+        self.setUp()
+        self.send(b"PROPFIND /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.answer()[0], 501)
+        self.assertEqual(self.recorder.rendered, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_validRequestRendered(self) -> None:
+        """
+        A request within every rule reaches the route table with its target intact.
+        """
+        self.send(b"GET /api/tags?x=1&y=%20 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.recorder.rendered, [(b"GET", b"/api/tags?x=1&y=%20", b"")])
+
+
+class CheckTests(SynchronousTestCase):
+    """
+    L{checkTarget}, L{FrontRules.check} and the path classifiers.
+    """
+
+    def test_targets(self) -> None:
+        """
+        Only origin-form targets with URL characters, no empty segment, and UTF-8 paths
+        pass.
+        """
+        for good in (b"/", b"/api/chat", b"/v1/models/llama3:8b", b"/a?b=c/d?e", b"/%C3%A9"):
+            self.assertIsNone(checkTarget(good), good)
+        for bad, status in ((b"X/api/generate", 400), (b"0/api", 400), (b"*", 400),
+                            (b"http://h/api", 400), (b"/api/\x00", 400), (b"/a b", 400),
+                            (b"/api#frag", 400), (b"//api/chat", 404), (b"/%FF", 400)):
+            error = checkTarget(bad)
+            self.assertIsNotNone(error, bad)
+            self.assertEqual(error.status, status, bad)
+
+    def test_renderChecksToo(self) -> None:
+        """
+        L{FrontResource} applies the rules to requests that did not come through the
+        front's request class (another L{Site}).
+        """
+        from treq.testing import StubTreq
+
+        recorder = Recorder()
+        front = FrontResource(recorder, rules(),
+                              lambda request, error: writeError(request, error, "openai"))
+        stub = StubTreq(front)
+        response = self.successResultOf(stub.request("PROPFIND", "http://x/api/tags"))
+        self.assertEqual(response.code, 405)
+        response = self.successResultOf(stub.post("http://x/api/chat", data=b"x" * 101))
+        self.assertEqual(response.code, 413)
+        self.assertEqual(recorder.rendered, [])
+
+    def test_families(self) -> None:
+        """
+        One place maps paths to error families and to the dialects that serve them.
+        """
+        self.assertEqual([familyFor(p) for p in (b"/api/chat", b"/v1/chat/completions",
+                                                  b"/v1/messages", b"/")],
+                         ["ollama", "openai", "anthropic", "ollama"])
+        self.assertEqual(dialectsFor(b"/api/chat"), frozenset({"ollama"}))
+        self.assertEqual(dialectsFor(b"/v1/embeddings"), frozenset({"openai"}))
+        self.assertEqual(dialectsFor(b"/v1/messages"), frozenset({"anthropic"}))
+        self.assertEqual(dialectsFor(b"/other"), frozenset({"ollama", "openai"}))
+
+    def test_targetURL(self) -> None:
+        """
+        A backend URL is the backend's base, then the target's path and query: no target
+        can change the host (C{http://10.0.0.5} + C{0/api} is never C{10.0.0.50}).
+        """
+        self.assertEqual(targetURL("http://10.0.0.5", b"/api/chat?x=1"),
+                         b"http://10.0.0.5/api/chat?x=1")
+        self.assertEqual(targetURL("https://h:8443/prefix/", b"/v1/models"),
+                         b"https://h:8443/prefix/v1/models")
+        with self.assertRaises(ValueError):
+            targetURL("http://10.0.0.5", b"0/api/generate")
