@@ -38,6 +38,8 @@ def ollamaMatrix(url: str, model: str, embedModel: str | None) -> dict[str, Any]
     found["list"] = client.list()
     found["ps"] = client.ps()
     found["show"] = client.show(model)
+    # The Python client has no version call (the CLI's "ollama -v" asks /api/version);
+    # its own transport sends it with the client's headers and host handling.
     found["version"] = client._request_raw("GET", "/api/version").json()
     return found
 
