@@ -84,6 +84,10 @@ class Backend:
         it cannot overwrite it.
     @ivar busyUntil: clock time until which it said it is busy, or L{None}.
     @ivar firstByteTimeouts: requests in a row that reached the first-byte timeout.
+    @ivar slotsFromBackend: the config set no C{slots}: take what the backend reports
+        (llama-server's C{total_slots}), keeping C{slots} meanwhile.
+    @ivar server: the server software its answers name (C{"llama-server"},
+        C{"lmstudio"}, C{"vllm"}), when recognised.
     """
 
     name: str
@@ -104,6 +108,8 @@ class Backend:
     failedAt: float | None = None
     busyUntil: float | None = None
     firstByteTimeouts: int = 0
+    slotsFromBackend: bool = False
+    server: str | None = None
 
     @property
     def online(self) -> bool:
@@ -173,6 +179,7 @@ class Backend:
             "version": self.version,
             "latency": self.latency,
             "error": self.error,
+            "server": self.server,
         }
 
 

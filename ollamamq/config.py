@@ -39,12 +39,13 @@ class BackendConfig:
 
     @ivar url: base URL, scheme and authority (and optional path prefix), no trailing slash.
     @ivar name: short unique name used in status, metrics and the admin API.
-    @ivar slots: how many requests the proxy runs on it at once.
+    @ivar slots: how many requests the proxy runs on it at once; L{None} (not set): what
+        the backend reports (llama-server's C{/props} C{total_slots}), else 1.
     """
 
     url: str
     name: str
-    slots: int = 1
+    slots: int | None = None
 
 
 @attrs.frozen

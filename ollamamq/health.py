@@ -26,6 +26,14 @@ several servers answer paths they do not really implement:
      cannot be made, or a call that times out, ends the probe at once: asking the same
      host a second question would only double the wait.
 
+Backend facts are then read from the answers instead of guessed (L{readFacts}):
+llama.cpp's llama-server is recognised by C{GET /props} answering C{total_slots}, which
+becomes the backend's C{slots} when the config sets none; LM Studio and vLLM by the
+C{owned_by} of their C{/v1/models} entries. A llama-server still loading its model answers
+every call with 503 C{"Loading model"}: that backend is busy, not down: it keeps the state
+it had (a new one stays unknown, so requests for its model are told the backends are
+starting) and is probed again a second later.
+
 L{getJSON} is the one HTTP helper of the module, shared with L{ollamamq.aggregate}.
 """
 
@@ -66,6 +74,9 @@ from ollamamq.models import versionKey
 from ollamamq.relay import BodyCollector, BodyTooLong, wasCancelled
 from ollamamq.relay import describeFailure as describeCallFailure
 
+#: Seconds before a backend found loading its model is probed again.
+LOADING_RETRY = 1.0
+
 #: Largest answer body read from a backend. A listing of hundreds of models is a few
 #: hundred KiB; anything far bigger is a misbehaving server, not a model list.
 MAX_BODY = 16 * 1024 * 1024
@@ -83,10 +94,33 @@ class FetchError(Exception):
         dropped), so asking the same host something else is pointless.
     """
 
-    def __init__(self, message: str, connection: bool = False) -> None:
+    def __init__(
+        self, message: str, connection: bool = False, code: int | None = None, body: bytes = b""
+    ) -> None:
+        """
+        @param code: the HTTP status of an error answer, if there was one.
+        @param body: that answer's body.
+        """
         super().__init__(message)
         self.message = message
         self.connection = connection
+        self.code = code
+        self.body = body
+
+    @property
+    def loading(self) -> bool:
+        """
+        Whether the answer was llama-server's 503 C{"Loading model"}: busy, not down.
+        """
+        if self.code != 503:
+            return False
+        try:
+            answer = json.loads(self.body)
+        except ValueError:
+            return False
+        error = answer.get("error") if isinstance(answer, dict) else None
+        message = error.get("message") if isinstance(error, dict) else error
+        return isinstance(message, str) and "loading model" in message.lower()
 
 
 def _seconds(value: float) -> str:
@@ -138,7 +172,7 @@ def getJSON(
     def decode(answer: tuple[int, bytes]) -> Any:
         code, body = answer
         if not 200 <= code < 300:
-            raise FetchError(f"GET {path}: {code}")
+            raise FetchError(f"GET {path}: {code}", code=code, body=body)
         try:
             return json.loads(body)
         except ValueError:
@@ -205,6 +239,8 @@ class Finding:
     @ivar reason: why it failed (only when C{kind} is L{None}).
     @ivar dialects: the wire dialects found, or L{None} for what C{kind} implies.
     @ivar startedAt: clock time the probe started (to order it against failures).
+    @ivar loading: the backend answered that it is loading its model (busy, not down).
+    @ivar facts: what the backend's answers say about its software and slots.
     """
 
     kind: str | None
@@ -215,6 +251,65 @@ class Finding:
     reason: str | None = None
     dialects: tuple[str, ...] | None = None
     startedAt: float = 0.0
+    loading: bool = False
+    facts: Facts | None = None
+
+
+LLAMA_SERVER = "llama-server"
+LM_STUDIO = "lmstudio"
+VLLM = "vllm"
+
+#: C{owned_by} of C{/v1/models} entries -> the server that says it.
+_OWNERS = {"llamacpp": LLAMA_SERVER, "organization_owner": LM_STUDIO, "vllm": VLLM}
+
+
+@attrs.frozen
+class Facts:
+    """
+    What an OpenAI-compatible backend's answers say about it.
+
+    @ivar server: L{LLAMA_SERVER}, L{LM_STUDIO}, L{VLLM}, or L{None} when not recognised.
+    @ivar slots: requests it runs at once, when it says (llama-server's C{total_slots}).
+    """
+
+    server: str | None = None
+    slots: int | None = None
+
+
+def _owner(listing: Any) -> str | None:
+    """
+    The server a C{/v1/models} answer names by its entries' C{owned_by}, if any.
+    """
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and entry.get("owned_by") in _OWNERS:
+            return _OWNERS[entry["owned_by"]]
+    return None
+
+
+async def readFacts(
+    http: Any, clock: IReactorTime, base: str, listing: Any, timeout: float
+) -> Facts:
+    """
+    Recognise an OpenAI-compatible backend from its C{/v1/models} answer and, unless that
+    names LM Studio or vLLM, from C{GET /props}: llama-server answers it with
+    C{total_slots}. A failed C{/props} only costs the facts.
+
+    @param listing: the decoded C{/v1/models} answer.
+    @return: the facts found.
+    @raise CancelledError: when the probe was cancelled.
+    """
+    server = _owner(listing)
+    if server in (LM_STUDIO, VLLM):
+        return Facts(server)
+    try:
+        props = await getJSON(http, clock, base, "/props", timeout)
+    except FetchError:
+        return Facts(server)
+    slots = props.get("total_slots") if isinstance(props, dict) else None
+    if isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1:
+        return Facts(LLAMA_SERVER, slots)
+    return Facts(server)
 
 
 class _ProbeLoop(TimerService):
@@ -276,6 +371,8 @@ class HealthChecker:
         self._running: dict[Backend, Deferred[None]] = {}
         self._waiters: dict[Backend, list[Deferred[None]]] = {}
         self._soon: dict[Backend, IDelayedCall] = {}
+        # Backends found loading, to probe again soon once their probe is over.
+        self._loadingAgain: list[Backend] = []
         self._service: _ProbeLoop | None = None
 
     def service(self) -> IService:
@@ -373,6 +470,8 @@ class HealthChecker:
         except FetchError as e:
             if e.connection:
                 return Finding(None, reason=e.message)
+            if e.loading:
+                return Finding(None, reason="loading model", loading=True)
             tagsProblem = e.message
         else:
             models = _listing(tags, "models", "name")
@@ -387,16 +486,23 @@ class HealthChecker:
                 self.http, self.clock, backend.url, "/v1/models", self.probeTimeout
             )
         except FetchError as e:
+            if e.loading:
+                return Finding(None, reason="loading model", loading=True)
             return Finding(None, reason=f"{tagsProblem}; {e.message}")
         ids = _listing(listing, "data", "id")
         if ids is None:
             return Finding(
                 None, reason=f"{tagsProblem}; GET /v1/models: unexpected response shape"
             )
+        facts = await readFacts(self.http, self.clock, backend.url, listing, self.probeTimeout)
         # No common way to ask an OpenAI-compatible server what is in memory (llama-server
         # and vLLM serve only loaded models, LM Studio lists what it could load), so none
         # is preferred for being "loaded".
-        return Finding(OPENAI, models=tuple(ids), latency=latency)
+        # llama-server serves Anthropic Messages natively too; other OpenAI-compatible
+        # servers get Messages requests translated (ollamamq.translate).
+        dialects = (OPENAI_API, ANTHROPIC_API) if facts.server == LLAMA_SERVER else None
+        return Finding(OPENAI, models=tuple(ids), latency=latency, facts=facts,
+                       dialects=dialects)
 
     @staticmethod
     def _ollamaDialects(version: str | None) -> tuple[str, ...]:
@@ -451,6 +557,9 @@ class HealthChecker:
             # nobody can use, and a name reused since must not get our stale answer.
             return
         before = backend.state
+        if finding.loading:
+            self._loading(backend, backend.error)
+            return
         if finding.kind is None:
             self.pool.markFailed(backend, finding.reason or "unknown error",
                                  self.clock.seconds(), self.downAfter)
@@ -470,12 +579,44 @@ class HealthChecker:
             backend, finding.kind, finding.models, finding.loaded, finding.version,
             finding.latency, finding.dialects,
         )
+        self._applyFacts(backend, finding.facts)
         if before != ONLINE:
             self.log.info(
                 "Backend {name} ({url}) is online: {kind} {version}, {count} models",
                 name=backend.name, url=backend.url, kind=finding.kind,
                 version=finding.version or "", count=len(finding.models),
             )
+
+    def _loading(self, backend: Backend, previousError: str | None) -> None:
+        """
+        The backend is loading its model: busy, not down. Its state stays as it was (a
+        backend never seen online stays unknown, so its models' requests hear that the
+        backends are starting), and it is probed again in a second, so it takes traffic
+        as soon as the load is done rather than a whole interval later.
+        """
+        backend.error = "loading model"
+        if previousError != backend.error:
+            self.log.info(
+                "Backend {name} ({url}) is loading its model", name=backend.name, url=backend.url
+            )
+        self._loadingAgain.append(backend)
+
+    def _applyFacts(self, backend: Backend, facts: Facts | None) -> None:
+        """
+        Record what the backend said about itself; its reported slot count becomes its
+        C{slots} unless the config set them (the default, 1, stays when none is reported).
+        """
+        if facts is None:
+            return
+        backend.server = facts.server
+        if facts.slots is not None and backend.slotsFromBackend and backend.slots != facts.slots:
+            self.log.info(
+                "Backend {name} ({url}) runs {slots} requests at once ({server} reports it)",
+                name=backend.name, url=backend.url, slots=facts.slots, server=facts.server,
+            )
+            backend.slots = facts.slots
+            # More (or fewer) free slots: the scheduler may dispatch now.
+            self.pool.changed()
 
     def _examineFailed(self, failure: Failure, backend: Backend) -> Finding | Failure:
         """
@@ -510,6 +651,9 @@ class HealthChecker:
         if backend in self._again:
             self._again.discard(backend)
             self.probeSoon(backend)
+        elif backend in self._loadingAgain:
+            self._loadingAgain.remove(backend)
+            self.probeSoon(backend, LOADING_RETRY)
 
 
 def onlineBackends(pool: BackendPool, kinds: Iterable[str]) -> list[Backend]:
@@ -521,10 +665,15 @@ def onlineBackends(pool: BackendPool, kinds: Iterable[str]) -> list[Backend]:
 
 
 __all__ = [
+    "LLAMA_SERVER",
+    "LM_STUDIO",
+    "VLLM",
+    "Facts",
     "FetchError",
     "Finding",
     "HealthChecker",
     "describeFailure",
     "getJSON",
     "onlineBackends",
+    "readFacts",
 ]

@@ -280,13 +280,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     top = service.MultiService()
     httpPool = _QuietConnectionPool(reactor, persistent=True)
-    httpPool.maxPersistentPerHost = max([b.slots for b in config.backends] + [4]) * 2
+    httpPool.maxPersistentPerHost = max([b.slots or 1 for b in config.backends] + [4]) * 2
     agent = Agent(reactor, pool=httpPool)
     # For the one retry of a request lost on a stale keep-alive connection.
     freshAgent = Agent(reactor, pool=_QuietConnectionPool(reactor, persistent=False))
     http = HTTPClient(agent)
 
-    pool = BackendPool(Backend(name=b.name, url=b.url, slots=b.slots) for b in config.backends)
+    pool = BackendPool(
+        Backend(name=b.name, url=b.url, slots=b.slots or 1, slotsFromBackend=b.slots is None)
+        for b in config.backends
+    )
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
     health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout,

@@ -915,3 +915,32 @@ class MethodTests(SynchronousTestCase):
                          (405, [b"GET, HEAD"]))
         response, body = proxy.complete("GET", "/api/nothing")
         self.assertEqual(response.code, 404)
+
+
+class AnthropicRouteTests(SynchronousTestCase):
+    """
+    The Anthropic Messages routes, relayed to a backend that serves them natively.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1", api="llama-server", models=("gemma3",))})
+
+    def test_messages(self) -> None:
+        """
+        C{POST /v1/messages} reaches the backend and its C{message} comes back.
+        """
+        body = {"model": "gemma3", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        response, answer = self.proxy.complete("POST", "/v1/messages", body)
+        self.assertEqual(response.code, 200)
+        message = json.loads(answer)
+        self.assertEqual((message["type"], message["usage"]["output_tokens"]), ("message", 3))
+
+    def test_countTokens(self) -> None:
+        """
+        C{POST /v1/messages/count_tokens} is routed by model to a backend too.
+        """
+        body = {"model": "gemma3", "messages": [{"role": "user", "content": "one two three"}]}
+        response, answer = self.proxy.complete("POST", "/v1/messages/count_tokens", body)
+        self.assertEqual((response.code, json.loads(answer)), (200, {"input_tokens": 3}))
+        [seen] = [r for r in self.proxy.sims["gpu1"].requests if r["method"] == "POST"]
+        self.assertEqual(seen["path"], "/v1/messages/count_tokens")

@@ -80,7 +80,8 @@ class ParseTOMLTests(SynchronousTestCase):
             config.backends,
             (
                 BackendConfig(url="http://gpu1:11434", name="gpu1", slots=2),
-                BackendConfig(url="http://gpu2:11434", name="gpu2:11434", slots=1),
+                # No slots set: what the backend reports (health.readFacts), else 1.
+                BackendConfig(url="http://gpu2:11434", name="gpu2:11434", slots=None),
             ),
         )
         self.assertEqual(config.users["alice"].priority, "vip")

@@ -314,7 +314,9 @@ class ProbeTests(PoolFixture, SynchronousTestCase):
         self.assertEqual(backend.models, {"qwen2.5-7b-instruct:latest": "Qwen2.5-7B-Instruct"})
         self.assertEqual(backend.loaded, frozenset())
         self.assertIsNone(backend.version)
-        self.assertEqual(fake.requests, ["/api/tags", "/v1/models"])
+        # owned_by "llamacpp": /props is asked for llama-server's slot count (404 here).
+        self.assertEqual(fake.requests, ["/api/tags", "/v1/models", "/props"])
+        self.assertEqual((backend.server, backend.slots), ("llama-server", 1))
 
     def test_classifiedByShape(self) -> None:
         """
@@ -519,6 +521,165 @@ class ProbeTests(PoolFixture, SynchronousTestCase):
         self.checker.probeSoon(backend)
         self.clock.advance(1)
         self.assertEqual(fake.requests.count("/api/tags"), 1)
+
+
+LOADING = (503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
+
+
+def llamaServerRoutes(ids: list[str], slots: int) -> dict[str, Any]:
+    """
+    The routes of llama.cpp's llama-server: C{/v1/models} and C{/props} with C{total_slots}.
+    """
+    return {
+        "/v1/models": openaiListing(ids),
+        "/props": (200, {"total_slots": slots, "default_generation_settings": {"n_ctx": 4096}}),
+        "/health": (200, {"status": "ok"}),
+    }
+
+
+class FactsTests(PoolFixture, SynchronousTestCase):
+    """
+    Backend facts read from the backend (L{health.readFacts}): llama-server's slots, LM
+    Studio and vLLM recognised, llama-server's "Loading model" taken as busy.
+    """
+
+    def setUp(self) -> None:
+        self.setUpPool()
+        self.events: list[dict] = []
+        self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5)
+        self.checker.log = Logger(observer=self.events.append)
+
+    def addReporting(self, name: str, routes: dict[str, Any]) -> tuple[Backend, FakeBackend]:
+        """
+        Add a backend whose config sets no slots (it takes what the backend reports).
+        """
+        backend, fake = self.addBackend(name, routes)
+        backend.slotsFromBackend = True
+        return backend, fake
+
+    def probe(self, backend: Backend) -> None:
+        """
+        Probe C{backend}, which must finish at once.
+        """
+        self.assertIsNone(self.successResultOf(self.checker.probe(backend)))
+
+    def test_totalSlots(self) -> None:
+        """
+        llama-server's C{total_slots} becomes the slots of a backend whose config set none,
+        and the pool is told (more room to dispatch).
+        """
+        backend, fake = self.addReporting("llama", llamaServerRoutes(["gemma3"], 2))
+        before = self.notified
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.kind, backend.server), (ONLINE, OPENAI, "llama-server"))
+        self.assertEqual(backend.slots, 2)
+        self.assertGreater(self.notified, before)
+        self.assertEqual(backend.describe()["server"], "llama-server")
+        [event] = [e for e in self.events if "requests at once" in e["log_format"]]
+        self.assertEqual((event["slots"], event["server"]), (2, "llama-server"))
+        notified = self.notified
+        self.probe(backend)
+        self.assertEqual(self.notified, notified, "an unchanged probe notifies nobody")
+
+    def test_configuredSlotsWin(self) -> None:
+        """
+        Slots set in the config are kept whatever the backend reports.
+        """
+        backend, _ = self.addBackend("llama", llamaServerRoutes(["gemma3"], 4), slots=3)
+        self.probe(backend)
+        self.assertEqual((backend.server, backend.slots), ("llama-server", 3))
+
+    def test_badTotalSlots(self) -> None:
+        """
+        A C{/props} without a usable C{total_slots} (missing, zero, not a number) leaves the
+        default of one slot.
+        """
+        for index, value in enumerate((None, 0, "2", True)):
+            routes = llamaServerRoutes(["m"], 2)
+            routes["/props"] = (200, {"total_slots": value})
+            backend, _ = self.addReporting(f"b{index}", routes)
+            self.probe(backend)
+            self.assertEqual((backend.state, backend.slots), (ONLINE, 1), value)
+
+    def test_propsFails(self) -> None:
+        """
+        A failing C{/props} costs only the facts: the backend is online.
+        """
+        routes = llamaServerRoutes(["m"], 2)
+        routes["/props"] = (500, b"oops")
+        backend, _ = self.addReporting("b", routes)
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.slots, backend.server), (ONLINE, 1, "llama-server"))
+
+    def test_lmStudioAndVLLM(self) -> None:
+        """
+        LM Studio and vLLM are recognised by the C{owned_by} of their models, without
+        asking C{/props}.
+        """
+        lmstudio, lmFake = self.addReporting("lm", lmstudioRoutes(["qwen2-7b"]))
+        vllm, vllmFake = self.addReporting("vllm", {"/v1/models": openaiListing(["Qwen/Qwen2.5"], "vllm")})
+        self.probe(lmstudio)
+        self.probe(vllm)
+        self.assertEqual((lmstudio.server, vllm.server), ("lmstudio", "vllm"))
+        self.assertNotIn("/props", lmFake.requests + vllmFake.requests)
+        self.assertEqual((lmstudio.slots, vllm.slots), (1, 1))
+
+    def test_unknownServer(self) -> None:
+        """
+        An OpenAI-compatible server named by nothing is not recognised.
+        """
+        backend, _ = self.addReporting("x", {"/v1/models": openaiListing(["m"], "someone")})
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.server), (ONLINE, None))
+
+    def test_ollamaNoFacts(self) -> None:
+        """
+        Ollama backends are not asked for C{/props}.
+        """
+        backend, fake = self.addReporting("ollama", ollamaRoutes(["llama3:latest"]))
+        self.probe(backend)
+        self.assertNotIn("/props", fake.requests)
+        self.assertIsNone(backend.server)
+
+    def test_loadingIsBusy(self) -> None:
+        """
+        A new llama-server still loading its model (503 "Loading model" everywhere) is
+        not offline: it stays unknown, is probed again a second later, and is online with
+        its slots once loaded.
+        """
+        routes = {path: LOADING for path in ("/api/tags", "/v1/models", "/props", "/health")}
+        backend, fake = self.addReporting("llama", routes)
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.error), (UNKNOWN, "loading model"))
+        fake.routes = llamaServerRoutes(["gemma3"], 2)
+        self.clock.advance(1)
+        self.net.flush()
+        self.assertEqual((backend.state, backend.slots), (ONLINE, 2))
+        self.assertIsNone(backend.error)
+
+    def test_onlineLoadingStaysOnline(self) -> None:
+        """
+        An online backend that answers "Loading model" (restarted) stays online: busy, not
+        down.
+        """
+        backend, fake = self.addReporting("llama", llamaServerRoutes(["gemma3"], 2))
+        self.probe(backend)
+        fake.routes = {"/api/tags": (404, b""), "/v1/models": LOADING}
+        self.probe(backend)
+        self.assertEqual((backend.state, backend.error), (ONLINE, "loading model"))
+
+    def test_other503IsDown(self) -> None:
+        """
+        A 503 that is not "Loading model" still counts as a failure (suspect after one,
+        offline after C{down_after}), not as loading.
+        """
+        backend, _ = self.addReporting(
+            "b", {"/api/tags": (503, {"error": "busy"}), "/v1/models": (503, b"down")}
+        )
+        self.probe(backend)
+        self.assertIn(backend.state, (SUSPECT, OFFLINE))
+        self.assertEqual(backend.failures, 1)
+        self.assertNotEqual(backend.error, "loading model")
 
 
 class FailureTests(PoolFixture, SynchronousTestCase):

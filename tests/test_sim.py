@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_sim -*-
 """
-Tests for L{ollamamq.sim}: the simulated Ollama / OpenAI server.
+Tests for L{ollamamq.sim}: the simulated Ollama / OpenAI server (its options, Ollama and
+OpenAI dialects, engine, resource and service; the Anthropic dialect and the llama-server
+mode have their own modules).
 
 Everything runs in memory: a L{Clock} drives the simulator and
 L{StubTreq} talks HTTP to its resource through a real L{Site}.
@@ -1005,6 +1007,32 @@ class SimRouteTests(SimulatorTestCase):
         self.assertEqual((first["startedAt"], first["finishedAt"]), (0.0, 3.0))
         self.assertIsNone(second["user"])
 
+    def test_requestsRecordHeaders(self) -> None:
+        """
+        C{GET /sim/requests} lists every request but the test hooks', probes too, with
+        method, path and lowercased headers, so a test sees which credentials reached
+        the backend; C{POST /sim/reset} clears it.
+        """
+        self.successResultOf(
+            self.stub.get(BASE + "/api/tags", headers={"Authorization": "Bearer sk-backend"})
+        )
+        self.finish(
+            self.post("/v1/messages", {"model": "llama3", "max_tokens": 2, "messages": [
+                {"role": "user", "content": "hi"}]}, headers={"X-Api-Key": "sk-ant"}),
+            3,
+        )
+        self.getJSON("/sim/stats")
+        requests = self.getJSON("/sim/requests")["requests"]
+        self.assertEqual(
+            [(r["method"], r["path"]) for r in requests],
+            [("GET", "/api/tags"), ("POST", "/v1/messages")],
+        )
+        self.assertEqual(requests[0]["headers"]["authorization"], "Bearer sk-backend")
+        self.assertEqual(requests[1]["headers"]["x-api-key"], "sk-ant")
+        self.assertNotIn("authorization", requests[1]["headers"])
+        self.postNow("/sim/reset", {})
+        self.assertEqual(self.getJSON("/sim/requests"), {"requests": []})
+
     def test_reset(self) -> None:
         """
         C{POST /sim/reset} clears counters and the log.
@@ -1111,7 +1139,7 @@ class MainTests(SynchronousTestCase):
         """
         code, err = self.runMain(["--api", "bogus"])
         self.assertEqual(code, 2)
-        self.assertIn("--api must be one of ollama, openai, not 'bogus'", err)
+        self.assertIn("--api must be one of ollama, openai, llama-server, not 'bogus'", err)
 
     def test_badNumbers(self) -> None:
         """
@@ -1137,14 +1165,18 @@ class MainTests(SynchronousTestCase):
             [
                 "--port=0", "--api=openai", "--models=a,b", "--tps=5", "--tokens=7",
                 "--load-delay=1.5", "--slots=3", "--max-loaded=2", "--name=gpu1",
-                "--version=0.5.0",
+                "--version=0.5.0", "--no-messages",
             ]
         )
         self.assertEqual(
             config.simulatorOptions,
             SimulatorOptions(
                 api="openai", models=("a", "b"), tps=5.0, tokens=7, loadDelay=1.5,
-                slots=3, maxLoaded=2, name="gpu1", version="0.5.0",
+                slots=3, maxLoaded=2, name="gpu1", version="0.5.0", messages=False,
             ),
         )
         self.assertEqual(config["port"], 0)
+        config = Options()
+        config.parseOptions(["--api=llama-server"])
+        self.assertEqual(config.simulatorOptions.api, "llama-server")
+        self.assertTrue(config.simulatorOptions.messages)

@@ -236,7 +236,7 @@ class ThroughProxyTests(SynchronousTestCase):
         A backend that claims the Messages dialect (an Ollama 0.14) but answers it 404
         gets the request again as a chat completion, and later ones translated at once.
         """
-        proxy = Proxy(self, {"ollama": sim(name="ollama", version="0.14.0")})
+        proxy = Proxy(self, {"ollama": sim(name="ollama", version="0.14.0", messages=False)})
         backend = proxy.pool.get("ollama")
         self.assertIn("anthropic", backend.dialects)
         translator = proxy.forwarder.translator

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_sim -*-
 """
-C{ollamamq-sim} (also C{python -m ollamamq.sim}): run a simulated Ollama or
-OpenAI-compatible server until SIGINT/SIGTERM.
+C{ollamamq-sim} (also C{python -m ollamamq.sim}): run a simulated Ollama, OpenAI-only or
+llama-server-like server until SIGINT/SIGTERM.
 
 Once listening it prints exactly one line to stdout,
 C{ollamamq-sim listening on http://HOST:PORT}, so scripts and integration
@@ -40,17 +40,26 @@ class Options(usage.Options):
 
     synopsis = "Usage: ollamamq-sim [--port N] [options]"
     longdesc = (
-        "Run a simulated LLM server that speaks the Ollama API (/api/* and /v1/*) "
-        "or only the OpenAI API (/v1/*), streaming deterministic tokens at a fixed "
-        "rate. GET /sim/stats shows counters and a request log."
+        "Run a simulated LLM server that speaks the Ollama API (/api/* and /v1/*), "
+        "only the OpenAI API (/v1/*), or imitates llama.cpp's llama-server (/v1/*, "
+        "/health, /props), streaming deterministic tokens at a fixed rate; all serve "
+        "Anthropic's /v1/messages unless --no-messages. GET /sim/stats shows counters "
+        "and a work log, GET /sim/requests every request's headers."
     )
     optFlags = [
         ["verbose", "v", "Log every request to stderr (default: warnings only)."],
+        ["no-messages", None, "Serve no Anthropic Messages routes (/v1/messages)."],
     ]
     optParameters = [
         ["port", "p", "11434", "TCP port to listen on; 0 picks a free one."],
         ["host", None, "127.0.0.1", "Interface to listen on."],
-        ["api", None, "ollama", "API family: ollama (/api/* and /v1/*) or openai (/v1/* only)."],
+        [
+            "api",
+            None,
+            "ollama",
+            "API family: ollama (/api/* and /v1/*), openai (/v1/* only) or llama-server "
+            "(/v1/*, /health, /props; --load-delay is its startup load).",
+        ],
         ["models", None, "llama3:latest", "Comma-separated model names to serve."],
         ["tps", None, "50", "Tokens per second per stream; 0 = as fast as possible."],
         ["tokens", None, "20", "Default answer length in tokens."],
@@ -107,6 +116,7 @@ class Options(usage.Options):
                 loadDelay=self["load-delay"],
                 slots=self["slots"],
                 maxLoaded=self["max-loaded"],
+                messages=not self["no-messages"],
                 version=self["version"],
                 name=self["name"],
             )

@@ -5,8 +5,8 @@ Run once, by hand, after .ci/run has built llama-server into the cache::
 
     PYTHONPATH=. /work/venv/bin/python tests/data/record_llama_server.py
 
-It starts llama-server on 127.0.0.1 (a free port) with the cached Gemma 3 270M GGUF,
-twice: once for chat and completions, once with --embeddings for embeddings. Each
+It starts llama-server on 127.0.0.1 (a port it picks) with the cached Gemma 3 270M GGUF
+and the shipped Gemma chat template, as L{tests.llama} does, twice: once for chat and completions, once with --embeddings for embeddings. Each
 exchange is written to tests/data/llama-server/NAME.json as {"request", "status",
 "content_type", "body"} (body as text: JSON, or the raw SSE stream), then the server is
 stopped. temperature 0 and a fixed seed keep the answers stable.
@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.real_backend import freePort, realBackend  # noqa: E402
+from tests.llama import GEMMA_MODEL, GEMMA_TEMPLATE, realBackend  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama-server")
 
@@ -90,21 +92,29 @@ def call(url: str, method: str, path: str, body: dict | None) -> dict:
 
 
 def serve(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    binary, model, template = realBackend()
-    port = freePort()
-    argv = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", "2",
-            "-c", "4096", "-t", "2", "--jinja"]
-    argv += ["--chat-template-file", template] if template else ["--chat-template", "gemma"]
-    process = subprocess.Popen(argv + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    binary, model = realBackend()
+    argv = [binary, "--model", model, "--alias", GEMMA_MODEL, "--host", "127.0.0.1",
+            "--port", "0", "--parallel", "2", "--ctx-size", "2048", "--threads", "2",
+            "--jinja", "--chat-template-file", GEMMA_TEMPLATE, "--no-webui", *extra]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
     for line in process.stdout:
-        if b"starting the main loop" in line or b"main: model loaded" in line:
+        match = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", line)
+        if match:
             break
     else:
-        raise SystemExit("llama-server exited before it was ready")
+        raise SystemExit("llama-server exited before it listened")
     # Keep reading its output so a full pipe never stalls it.
-    import threading
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-    return process, f"http://127.0.0.1:{port}"
+    url = match.group(1).decode()
+    for _ in range(600):
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=5).status == 200:
+                return process, url
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("llama-server never became healthy")
 
 
 def record(exchanges: dict, extra: list[str]) -> None:
