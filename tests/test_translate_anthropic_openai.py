@@ -186,6 +186,17 @@ class WholeTests(SynchronousTestCase):
             body = MessagesWhole("a").translate(200, json.dumps(answer).encode())[2]
             self.assertEqual(json.loads(body)["stop_reason"], stop)
 
+    def test_cachedTokens(self) -> None:
+        """
+        Prompt tokens read from the server's cache are C{cache_read_input_tokens}, not
+        C{input_tokens}, as Anthropic counts them.
+        """
+        answer = dict(COMPLETION, usage={"prompt_tokens": 16, "completion_tokens": 8,
+                                         "prompt_tokens_details": {"cached_tokens": 11}})
+        body = MessagesWhole("a").translate(200, json.dumps(answer).encode())[2]
+        self.assertEqual(json.loads(body)["usage"], {"input_tokens": 5, "output_tokens": 8,
+                                                     "cache_read_input_tokens": 11})
+
     def test_noThinking(self) -> None:
         """
         With thinking disabled, reasoning is left out.

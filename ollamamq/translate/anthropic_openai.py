@@ -268,9 +268,21 @@ def translateRequest(path: bytes, body: dict, model: str, clock: IReactorTime) -
 
 
 def _usage(usage: Any) -> dict:
+    """
+    OpenAI usage in Anthropic's terms: C{input_tokens} excludes the prompt tokens read
+    from the cache, which are C{cache_read_input_tokens} (as llama-server's own Messages
+    route reports them).
+    """
     usage = usage if isinstance(usage, dict) else {}
-    return {"input_tokens": usage.get("prompt_tokens", 0) or 0,
-            "output_tokens": usage.get("completion_tokens", 0) or 0}
+    prompt = usage.get("prompt_tokens", 0) or 0
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    cached = cached if isinstance(cached, int) and 0 < cached <= prompt else 0
+    result = {"input_tokens": prompt - cached,
+              "output_tokens": usage.get("completion_tokens", 0) or 0}
+    if cached:
+        result["cache_read_input_tokens"] = cached
+    return result
 
 
 def _toolInput(call: dict) -> dict:

@@ -59,7 +59,7 @@ EXCHANGES = {
                                tools=TOOLS, tool_choice="required", max_tokens=64, stream=True,
                                stream_options={"include_usage": True})),
     "chat_schema_whole": ("POST", "/v1/chat/completions",
-                          dict(SAMPLING, messages=CHAT, max_tokens=48, stream=False,
+                          dict(SAMPLING, messages=CHAT, max_tokens=200, stream=False,
                                response_format={"type": "json_schema", "json_schema": {
                                    "name": "response", "schema": SCHEMA, "strict": True}})),
     "completion_whole": ("POST", "/v1/completions",
