@@ -29,14 +29,20 @@ from ollamamq.errors import (
     BadRequest,
     BodyTooLarge,
     Forbidden,
-    MethodNotAllowed,
     NotFound,
     ProxyError,
     Unavailable,
     writeError,
 )
 from ollamamq.forward import Forwarder, Outgoing
-from ollamamq.front import KNOWN_METHODS, FrontResource, FrontRules, dialectsFor, familyFor
+from ollamamq.front import (
+    KNOWN_METHODS,
+    FrontResource,
+    FrontRules,
+    dialectsFor,
+    familyFor,
+    wrongMethod,
+)
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, requestHeadersForBackend
@@ -109,6 +115,19 @@ class ProxyAPI:
     @app.handle_errors(ProxyError)
     def _proxyError(self, request: IRequest, failure: Failure) -> bytes:
         return self._answer(request, failure.value)
+
+    @app.handle_errors(HTTPException)
+    def _routingError(self, request: IRequest, failure: Failure) -> bytes:
+        # The router's own refusals (a path the catch-all does not match, such as POST /)
+        # answered like every other error, never as a logged 500.
+        error = failure.value
+        valid = getattr(error, "valid_methods", None)
+        if error.code == 405 and valid:
+            allowed = [m for m in KNOWN_METHODS if m in valid]
+            return self._answer(request, wrongMethod(request.method, request.path, allowed))
+        return self._answer(request, NotFound(
+            f"no route for {request.method.decode('latin-1')} "
+            f"{request.path.decode('latin-1')}", code="unknown_route"))
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
@@ -234,9 +253,7 @@ class ProxyAPI:
         if not self.config.allowAllRoutes:
             allowed = self._allowedMethods(request.path)
             if allowed:
-                raise MethodNotAllowed(
-                    f"{request.method.decode('latin-1')} is not allowed on /{rest}; use "
-                    + " or ".join(allowed), allowed)
+                raise wrongMethod(request.method, request.path, allowed)
             raise NotFound(f"no route for {request.method.decode('latin-1')} /{rest}",
                            code="unknown_route")
         job, outgoing = self._prepare(request, self._readBody(request), requireModel=False)

@@ -94,6 +94,15 @@ def dialectsFor(path: bytes) -> frozenset[str]:
     return frozenset({OLLAMA_API, OPENAI_API})
 
 
+def wrongMethod(method: bytes, path: bytes, allowed: list[str]) -> MethodNotAllowed:
+    """
+    The 405 for a path asked with a method it does not take: the one wording of it.
+    """
+    return MethodNotAllowed(
+        f"{method.decode('latin-1')} is not allowed on {path.decode('latin-1')}; use "
+        + " or ".join(allowed), allowed)
+
+
 def checkTarget(target: bytes) -> ProxyError | None:
     """
     Whether a request target is one the proxy serves (see the module docstring).
@@ -158,9 +167,7 @@ class FrontRules:
         if name not in KNOWN_METHODS:
             allowed = self.allowedMethods(path)
             if allowed:
-                return MethodNotAllowed(
-                    f"{name} is not allowed on {path.decode('latin-1')}; use "
-                    + " or ".join(allowed), allowed)
+                return wrongMethod(method, path, allowed)
             return NotImplementedMethod(f"method {name} is not supported",
                                         code="method_not_implemented")
         if path.startswith(BLOB_PREFIX):

@@ -195,6 +195,11 @@ Slack when comparing a deadline with the clock: C{callLater(deadline - now)} can
 rounding step before C{deadline}.
 """
 
+# How far a request is from a backend (Scheduler._reach).
+_NONE = 0
+_SOON = 1
+_NOW = 2
+
 # Ticket states.
 _QUEUED = "queued"
 _GRANTED = "granted"
@@ -520,7 +525,8 @@ class Scheduler:
         """
         if self._stopped:
             return fail(self._shuttingDown())
-        if not self._servedSoon(job.kinds, job.model, frozenset()):
+        reach = self._reach(job.kinds, job.model, frozenset())
+        if reach == _NONE:
             return fail(self._noBackend(job))
         user = self._users.get(job.user)
         if user is not None:
@@ -572,6 +578,9 @@ class Scheduler:
             queuedSince=self._clock.seconds(),
         )
         self._admit(ticket)
+        if reach == _SOON:
+            # It waits for a backend to come back: its grace must end in time.
+            self._armGrace(ticket.queuedSince)
         self._run()
         assert ticket.deferred is not None
         return ticket.deferred
@@ -747,9 +756,6 @@ class Scheduler:
         self._queued += 1
         self._hold(job, 1)
         ticket.deferred = Deferred(lambda d: self._cancel(ticket))
-        if self._graceCall is None:
-            # It may be waiting for a backend to come back: its grace must end in time.
-            self._armGrace(ticket.queuedSince)
         if isNew or (oldHead is not None and ticket.seq < oldHead.seq):
             # New queue, or a retried request now heads it: its key went down.
             self._index(queue)
@@ -1092,14 +1098,18 @@ class Scheduler:
         job = old.job
         self._refund(user, lease)
         excluded = old.excluded
+        reach = _NONE
         if exclude:
             others = excluded | {lease.backend}
-            if self._servedSoon(job.kinds, job.model, others):
+            reach = self._reach(job.kinds, job.model, others)
+            if reach != _NONE:
                 excluded = others
+        if reach == _NONE:
+            reach = self._reach(job.kinds, job.model, excluded)
         error: Exception | None = None
         if self._stopped:
             error = self._shuttingDown()
-        elif not self._servedSoon(job.kinds, job.model, excluded):
+        elif reach == _NONE:
             error = self._noOtherBackend(job) if excluded else self._noBackend(job)
         if error is not None:
             self._maybeIdle(user)
@@ -1114,6 +1124,8 @@ class Scheduler:
             waitedBefore=lease.waited,
         )
         self._admit(ticket)
+        if reach == _SOON:
+            self._armGrace(ticket.queuedSince)
         self._run()
         assert ticket.deferred is not None
         return ticket.deferred
@@ -1129,7 +1141,7 @@ class Scheduler:
             return
         now = self._clock.seconds()
         for cls in list(self._classes.values()):
-            if self._servedSoon(cls.kinds, cls.model, cls.excluded, now):
+            if self._reach(cls.kinds, cls.model, cls.excluded, now) != _NONE:
                 continue
             job = Job(user="", kinds=cls.kinds, model=cls.model)
             # A retried request lost its last untried backend: that is the backend
@@ -1148,27 +1160,34 @@ class Scheduler:
         grace = self._config.downGrace
         return grace if grace is not None else 3 * self._config.healthInterval
 
-    def _servedSoon(
+    def _reach(
         self,
         kinds: frozenset[str],
         model: str | None,
         excluded: frozenset[Backend],
         now: float | None = None,
-    ) -> bool:
+    ) -> int:
         """
-        Whether a request with these needs can be served now, or should wait: some backend
-        it has not tried serves it and is available, busy for a while, or unavailable for
-        less than the grace (L{Backend.recovering}).
+        Whether a request with these needs can be served: L{_NOW} when a backend it has not
+        tried serves it and is available, L{_SOON} when the only such backends are busy
+        for a while or unavailable for less than the grace (L{Backend.recovering}), so it
+        should wait, else L{_NONE}. Stops at the first available backend.
         """
-        if now is None:
-            now = self._clock.seconds()
-        grace = self._downGrace()
-        return any(
-            b.serves(kinds, model)
-            and b not in excluded
-            and (b.available or b.recovering(now, grace))
-            for b in self._pool.backends
-        )
+        reach = _NONE
+        grace = None
+        for b in self._pool.backends:
+            if not b.serves(kinds, model) or b in excluded:
+                continue
+            if b.available:
+                return _NOW
+            if reach == _NONE:
+                if grace is None:
+                    grace = self._downGrace()
+                    if now is None:
+                        now = self._clock.seconds()
+                if b.recovering(now, grace):
+                    reach = _SOON
+        return reach
 
     def _armGrace(self, now: float) -> None:
         """

@@ -916,6 +916,33 @@ class MethodTests(SynchronousTestCase):
         response, body = proxy.complete("GET", "/api/nothing")
         self.assertEqual(response.code, 404)
 
+    def test_routerRefusalsShaped(self) -> None:
+        """
+        What the router itself refuses (C{POST /}, which the catch-all route does not
+        match) is a shaped 405 with C{Allow}, not a logged 500.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+        response, body = proxy.complete("POST", "/")
+        self.assertEqual((response.code, response.headers.getRawHeaders(b"allow")),
+                         (405, [b"GET, HEAD"]))
+        self.assertIn("POST is not allowed on /", json.loads(body)["error"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_messagesWithoutAnthropicDialect(self) -> None:
+        """
+        A C{/v1/messages} request for a model whose backends do not serve the Anthropic
+        API is translated to chat completions (L{ollamamq.translate}); one that cannot be
+        translated is an Anthropic-shaped 400.
+        """
+        proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
+        message = {"model": "llama3", "max_tokens": 5,
+                   "messages": [{"role": "user", "content": "hi"}]}
+        response, body = proxy.complete("POST", "/v1/messages", message)
+        self.assertEqual((response.code, json.loads(body)["type"]), (200, "message"))
+        self.assertEqual(proxy.sims["gpu1"].stats["log"][-1]["path"], "/v1/chat/completions")
+        response, body = proxy.complete("POST", "/v1/messages", dict(message, messages=[]))
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")
 
 class AnthropicRouteTests(SynchronousTestCase):
     """

@@ -103,6 +103,30 @@ class ParseTOMLTests(SynchronousTestCase):
         for fragment in fragments:
             self.assertIn(fragment, str(caught.exception))
 
+    def test_failureModelAndBounds(self) -> None:
+        """
+        The failure model, the two timeouts and the bounds a client cannot push are read
+        from C{[server]}, with their documented defaults when absent.
+        """
+        defaults = buildConfig({}, {}, {})
+        self.assertEqual(
+            (defaults.timeout, defaults.firstByteTimeout, defaults.downAfter,
+             defaults.downGrace, defaults.maxQueuedPerPeer, defaults.maxUsers),
+            (300.0, 600.0, 3, None, 1000, 10000),
+        )
+        text = ("[server]\nfirst_byte_timeout = 900\ndown_after = 5\ndown_grace = 45\n"
+                "max_queued_per_peer = 50\nmax_queued_bytes = 1000000\n"
+                "max_blob_bytes = 5000000\nmax_users = 200\n")
+        config = buildConfig(parseTOML(text), {}, {})
+        self.assertEqual(
+            (config.firstByteTimeout, config.downAfter, config.downGrace,
+             config.maxQueuedPerPeer, config.maxQueuedBytes, config.maxBlobBytes,
+             config.maxUsers),
+            (900.0, 5, 45.0, 50, 1000000, 5000000, 200),
+        )
+        self.assertConfigError("[server]\ndown_after = 0\n", "server.down_after")
+        self.assertConfigError("[server]\ndown_grace = -1\n", "server.down_grace")
+
     def test_unknownServerKey(self) -> None:
         """
         A misspelt key is named in the error, with the known keys.

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -250,3 +253,94 @@ class CheckTests(SynchronousTestCase):
                          b"https://h:8443/prefix/v1/models")
         with self.assertRaises(ValueError):
             targetURL("http://10.0.0.5", b"0/api/generate")
+
+
+class _Recording:
+    """
+    An agent that records every URL the proxy sends a backend, then delegates.
+    """
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.urls: list[bytes] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Any:
+        self.urls.append(uri)
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+
+_PATHS = [b"/", b"/health", b"/api/chat", b"/api/generate", b"/api/tags", b"/api/show",
+          b"/v1/chat/completions", b"/v1/models", b"/v1/messages", b"/api/blobs/sha256:0",
+          b"/proxy/status", b"/nowhere"]
+_TOKEN = st.from_regex(rb"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,12}\Z")
+
+
+def _targets() -> Any:
+    """
+    Request targets as attackers write them: known paths with odd prefixes, suffixes and
+    queries, and arbitrary bytes (a request line cannot hold spaces or line breaks).
+    """
+    junk = st.binary(max_size=24).map(
+        lambda b: b.replace(b" ", b"").replace(b"\r", b"").replace(b"\n", b""))
+    known = st.sampled_from(_PATHS)
+    return st.one_of(
+        known,
+        st.tuples(junk, known, junk).map(b"".join),
+        st.tuples(known, st.sampled_from([b"?", b"#", b"/../", b"//", b"%00", b"@evil"]),
+                  junk).map(b"".join),
+        junk.filter(bool),
+    )
+
+
+class FrontPropertyTests(SynchronousTestCase):
+    """
+    Arbitrary request targets, methods and header bytes thrown at the whole proxy in
+    memory (its real HTTP channel, front, route table, scheduler and forwarder, simulated
+    backends): never a 500, never a backend URL outside the backend's base, never a
+    backend marked down.
+    """
+
+    @settings(max_examples=200, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        method=st.one_of(st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE",
+                                          b"OPTIONS", b"PATCH"]), _TOKEN),
+        target=_targets(),
+        headers=st.lists(st.tuples(_TOKEN, st.binary(max_size=30).map(
+            lambda b: b.replace(b"\r", b"").replace(b"\n", b""))), max_size=4),
+    )
+    def test_anyRequest(self, method: bytes, target: bytes,
+                        headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        See the class docstring.
+        """
+        from tests.test_api import CHAT, Proxy, sim
+
+        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")})
+        recording = _Recording(proxy.relayAgent)
+        proxy.relay.agent = proxy.relay.freshAgent = recording
+        site = Site(proxy.api.resource(), reactor=MemoryReactorClock())
+        site.requestFactory = proxy.api.frontRules().requestFactory()
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = json.dumps(CHAT).encode()
+        lines = [method + b" " + target + b" HTTP/1.1", b"Host: proxy"]
+        lines += [name + b": " + value for name, value in headers
+                  if name.lower() not in (b"content-length", b"transfer-encoding", b"host")]
+        lines.append(b"Content-Length: %d" % len(body))
+        channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        proxy.advance(5, steps=50)
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer[:80])
+        status = int(answer.split(b" ", 2)[1])
+        self.assertNotEqual(status, 500, answer[:300])
+        self.assertNotIn(b"Traceback", answer)
+        for url in recording.urls:
+            parts = urlsplit(url)
+            self.assertIn(parts.netloc, (b"a", b"b"), url)
+            self.assertEqual(parts.scheme, b"http", url)
+        self.assertEqual([b.state for b in proxy.pool.backends], ["online", "online"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        channel.connectionLost(None)

@@ -153,8 +153,10 @@ class FairnessTests(ProcessTestCase):
         """
         Alice queues 4 requests, then Bob 1: Bob's runs second, not after Alice's backlog.
         """
+        # Each request runs for a second: long enough that Bob is queued while Alice's
+        # first one still runs, even on a loaded machine.
         simURL, sim = await self.startSimulator("--models", "llama3.2", "--tps", "50",
-                                                "--tokens", "10", "--slots", "1")
+                                                "--tokens", "50", "--slots", "1")
         url, proxy = await self.startProxy("--backend", simURL, backends=1)
 
         def generate(user: str) -> str:

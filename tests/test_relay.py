@@ -296,6 +296,52 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(len(self.backendResource.lost), 1)
 
 
+class FileBodyTests(SynchronousTestCase):
+    """
+    A file body (a spooled blob upload) is streamed to the backend in turns on the
+    relay's own clock, not read into memory at once.
+    """
+
+    def test_fileStreamed(self) -> None:
+        """
+        The backend receives the whole file, which the relay reads in chunks.
+        """
+        import io
+
+        from twisted.web.resource import Resource
+
+        received: list[bytes] = []
+
+        class Sink(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                received.append(request.content.read())
+                return b"{}"
+
+        clock = Clock()
+        agent = RequestTraversalAgent(Sink())
+        relay = Relay(agent, clock, 30)
+        data = bytes(range(256)) * 4096  # 1 MiB
+        reads: list[int] = []
+
+        class Counted(io.BytesIO):
+            def read(self, size: int = -1) -> bytes:
+                chunk = super().read(size)
+                reads.append(len(chunk))
+                return chunk
+
+        d = ensureDeferred(relay.open(Backend(name="b", url="http://b"), b"POST",
+                                      b"/api/blobs/sha256:0", Headers(), Counted(data)))
+        for _ in range(100):
+            clock.advance(0)
+            agent.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(received, [data])
+        self.assertGreater(len([n for n in reads if n]), 1)
+        self.assertLess(max(reads), len(data))
+
+
 class ConnectingTests(SynchronousTestCase):
     """
     A client that leaves while the proxy is still connecting to the backend.
@@ -340,6 +386,20 @@ class UnreachableTests(SynchronousTestCase):
         )
         failure = self.failureResultOf(d, BackendUnreachable)
         self.assertIn("gpu9", str(failure.value))
+
+
+def connectedRequest(path: bytes = b"/api/generate") -> tuple[HTTPChannel, Request]:
+    """
+    A client request on a connected channel (a real L{HTTPChannel} on a
+    L{StringTransport}), as twisted.web hands it to a route.
+    """
+    channel = HTTPChannel()
+    channel.makeConnection(StringTransport())
+    request = Request(channel)
+    request.method = b"POST"
+    request.uri = request.path = path
+    request.clientproto = b"HTTP/1.1"
+    return channel, request
 
 
 @implementer(IPushProducer)
@@ -390,14 +450,7 @@ class BackpressureTests(SynchronousTestCase):
         """
         A request on a connected channel.
         """
-        channel = HTTPChannel()
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        request = Request(channel)
-        request.method = b"POST"
-        request.uri = request.path = b"/api/generate"
-        request.clientproto = b"HTTP/1.1"
-        return channel, request
+        return connectedRequest()
 
     def test_pauseAndResume(self) -> None:
         """
@@ -461,6 +514,63 @@ class BackpressureTests(SynchronousTestCase):
         written = channel.transport.value()
         self.assertIn(b'data: {"error": {"message": "backend failed mid-stream', written)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class TimeoutTests(SynchronousTestCase):
+    """
+    The two timeouts of a body being relayed: first byte, then idle; neither runs while
+    the client is what paused the transfer.
+    """
+
+    def start(self, firstByte: float = 60, idle: float = 5) -> tuple[Any, Any, Any, Clock]:
+        """
+        A body being relayed with these timeouts: the client channel, the backend
+        response, the relay's Deferred and the clock.
+        """
+        channel, request = connectedRequest()
+        clock = Clock()
+        response = FakeResponse(b"application/x-ndjson")
+        done = Relay(None, clock, idle, firstByte).stream(request, response, OLLAMA)
+        return channel, response, done, clock
+
+    def test_firstByteThenIdle(self) -> None:
+        """
+        Before the first body byte the first-byte timeout applies (a model loading after
+        the headers were sent), after it the idle timeout.
+        """
+        channel, response, done, clock = self.start()
+        clock.advance(59)
+        self.assertEqual(response.transport.state, "producing")
+        response.protocol.dataReceived(b'{"response": "a"}\n')
+        clock.advance(4.9)
+        self.assertEqual(response.transport.state, "producing")
+        clock.advance(0.2)
+        self.assertEqual(response.transport.state, "stopped")
+        from twisted.internet.error import ConnectionLost
+
+        # What stopping the backend transport ends with.
+        response.protocol.connectionLost(Failure(ConnectionLost()))
+        self.successResultOf(done)
+        self.assertIn(b"sent nothing for 5s mid-stream", channel.transport.value())
+        self.flushLoggedErrors()
+
+    def test_noTimeoutWhileClientPaused(self) -> None:
+        """
+        While the client's side has paused the backend (backpressure), the backend's
+        silence is ours, and no timeout runs; once resumed, the idle timeout starts over.
+        """
+        channel, response, done, clock = self.start()
+        response.protocol.dataReceived(b'{"response": "a"}\n')
+        channel.pauseProducing()
+        clock.advance(3600)
+        self.assertEqual(response.transport.state, "paused")
+        channel.resumeProducing()
+        clock.advance(4.9)
+        self.assertEqual(response.transport.state, "producing")
+        clock.advance(0.2)
+        self.assertEqual(response.transport.state, "stopped")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.successResultOf(done)
 
 
 class HeaderTests(SynchronousTestCase):

@@ -1864,3 +1864,198 @@ class TimedPropertyTests(SynchronousTestCase):
                     bound + 1e-9,
                     f"{j} got {total} s while {i} waited (bound {bound}, slots {slots})",
                 )
+
+
+class GraceTests(SynchronousTestCase):
+    """
+    Requests whose only backends are unavailable wait for them for C{down_grace} seconds
+    (never failing the queue at the first failure), and busy backends are waited for.
+    """
+
+    def setUp(self) -> None:
+        """
+        One backend with one slot, a grace of 30 seconds.
+        """
+        self.h = Harness(downGrace=30.0)
+        self.b = onlineBackend(self.h.pool, "b")
+
+    def fail(self, reason: str = "connection refused") -> None:
+        """
+        What the forwarder and the probes do when the backend fails now.
+        """
+        self.h.pool.markFailed(self.b, reason, self.h.clock.seconds(), downAfter=3)
+
+    def test_queuedWaitThroughFailure(self) -> None:
+        """
+        A backend failure leaves the requests queued for it queued; they are dispatched
+        when it is back.
+        """
+        self.h.submit("a0", job("a"))
+        self.h.submit("a1", job("a"))
+        self.h.submit("b0", job("b"))
+        self.fail()
+        self.h.grants[0][1].release()
+        self.h.clock.advance(29)
+        self.assertEqual((self.h.scheduler.queued, self.h.failures), (2, {}))
+        self.h.pool.markOnline(self.b, OLLAMA, ["m"])
+        self.assertEqual(self.h.labels(), ["a0", "b0"])
+
+    def test_graceEnds(self) -> None:
+        """
+        When the grace is over, the waiting requests get 503 with Retry-After, and new
+        ones are refused at once; requests arriving during the grace wait too.
+        """
+        self.fail()
+        self.h.clock.advance(10)
+        self.h.submit("late", job("a"))
+        self.assertEqual(self.h.scheduler.queued, 1)
+        self.h.clock.advance(19.9)
+        self.assertEqual(self.h.failures, {})
+        self.h.clock.advance(0.2)
+        f = self.h.failures["late"]
+        self.assertEqual((f.value.status, f.value.code), (503, "no_backend"))
+        self.assertIsNotNone(f.value.retryAfter)
+        self.failureResultOf(self.h.scheduler.enqueue(job("c")), Unavailable)
+
+    def test_graceCountsFromFirstFailure(self) -> None:
+        """
+        Further failures (the backend going offline after more failed probes) do not
+        extend the grace.
+        """
+        self.h.submit("a0", job("a"))
+        self.h.submit("a1", job("a"))
+        self.fail()
+        self.h.clock.advance(20)
+        self.fail()
+        self.fail()
+        self.assertEqual(self.b.state, "offline")
+        self.h.clock.advance(9.9)
+        self.assertEqual(self.h.failures, {})
+        self.h.clock.advance(0.2)
+        self.assertIn("a1", self.h.failures)
+
+    def test_retryWaitsForSameBackend(self) -> None:
+        """
+        A request whose only backend failed before answering is not failed: it waits for
+        that backend and goes back to it, uncharged, when it returns.
+        """
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        self.fail()
+        retried = lease.retry()
+        self.assertNoResult(retried)
+        self.h.pool.markOnline(self.b, OLLAMA, ["m"])
+        again = self.successResultOf(retried)
+        self.assertIs(again.backend, self.b)
+        self.assertEqual(self.h.scheduler.snapshot()[0]["served"], 1)
+
+    def test_retryPrefersUntried(self) -> None:
+        """
+        With another backend serving the request, a retry goes there, not back.
+        """
+        other = onlineBackend(self.h.pool, "c")
+        lease = self.successResultOf(self.h.scheduler.enqueue(job("a")))
+        first = lease.backend
+        self.h.pool.markFailed(first, "x", 0, downAfter=3)
+        second = self.successResultOf(lease.retry())
+        self.assertIsNot(second.backend, first)
+        self.assertIn(second.backend, (self.b, other))
+
+    def test_busyIsWaitedFor(self) -> None:
+        """
+        A busy backend (429, loading) takes nothing new until it is ready; what waits for
+        it is neither failed nor charged.
+        """
+        self.h.pool.markBusy(self.b, 5.0)
+        self.h.submit("a0", job("a"))
+        self.assertEqual((self.h.scheduler.queued, self.h.failures), (1, {}))
+        self.h.clock.advance(100)
+        self.assertEqual(self.h.failures, {})
+        self.h.pool.markReady(self.b)
+        self.assertEqual(self.h.labels(), ["a0"])
+
+    def test_drainingHasNoGrace(self) -> None:
+        """
+        Requests only a draining backend could serve are failed at once: it is not
+        coming back by itself.
+        """
+        self.h.submit("a0", job("a"))
+        self.h.submit("a1", job("a"))
+        self.h.pool.drain("b")
+        self.assertIn("a1", self.h.failures)
+
+    def test_queueTimeoutStillApplies(self) -> None:
+        """
+        The grace never extends a request's wait beyond C{queue_timeout}.
+        """
+        h = Harness(downGrace=30.0, queueTimeout=5.0)
+        b = onlineBackend(h.pool, "b")
+        h.pool.markFailed(b, "x", 0, downAfter=3)
+        h.submit("a0", job("a"))
+        h.clock.advance(5.1)
+        self.assertEqual(h.failures["a0"].value.code, "queue_timeout")
+
+
+class BoundTests(SynchronousTestCase):
+    """
+    Bounds a client cannot push: per client address, queued body bytes, tracked users.
+    """
+
+    def test_perPeer(self) -> None:
+        """
+        One client address may hold C{max_queued_per_peer} queued requests whatever user
+        ids it sends (429 beyond); others are not affected, and a slot frees when one of
+        its requests is dispatched or cancelled.
+        """
+        h = Harness(maxQueuedPerPeer=2)
+        onlineBackend(h.pool, "b")
+        h.submit("busy", Job(user="z", kinds=API, model="m:latest", peer="10.0.0.9"))
+        d1 = h.submit("u1", Job(user="u1", kinds=API, model="m:latest", peer="10.0.0.1"))
+        h.submit("u2", Job(user="u2", kinds=API, model="m:latest", peer="10.0.0.1"))
+        h.submit("u3", Job(user="u3", kinds=API, model="m:latest", peer="10.0.0.1"))
+        f = h.failures["u3"]
+        self.assertEqual((f.value.status, f.value.code), (429, "peer_queue_full"))
+        self.assertGreaterEqual(f.value.retryAfter, 1)
+        h.submit("other", Job(user="u4", kinds=API, model="m:latest", peer="10.0.0.2"))
+        self.assertNotIn("other", h.failures)
+        d1.cancel()
+        h.submit("u5", Job(user="u5", kinds=API, model="m:latest", peer="10.0.0.1"))
+        self.assertNotIn("u5", h.failures)
+        self.assertEqual(h.scheduler._peerQueued, {"10.0.0.1": 2, "10.0.0.2": 1})
+
+    def test_queuedBytes(self) -> None:
+        """
+        The bodies held by queued requests are bounded (503 beyond); dispatch frees them.
+        """
+        h = Harness(maxQueuedBytes=1000)
+        onlineBackend(h.pool, "b")
+        h.submit("running", Job(user="a", kinds=API, model="m:latest", size=900))
+        h.submit("q1", Job(user="a", kinds=API, model="m:latest", size=600))
+        h.submit("q2", Job(user="b", kinds=API, model="m:latest", size=401))
+        self.assertEqual(h.failures["q2"].value.code, "queue_bytes_full")
+        h.submit("q3", Job(user="b", kinds=API, model="m:latest", size=400))
+        self.assertNotIn("q3", h.failures)
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["running", "q3"])
+        self.assertEqual(h.scheduler._queuedBytes, 600)
+
+    def test_trackedUsers(self) -> None:
+        """
+        Beyond C{max_users} tracked users, the idle ones active least recently are
+        forgotten first; configured users and users with requests never are.
+        """
+        h = Harness(maxUsers=3, users={"conf": UserConfig()})
+        onlineBackend(h.pool, "b", slots=10)
+        for user in ("old", "mid"):
+            self.successResultOf(h.scheduler.enqueue(job(user))).release()
+            h.clock.advance(1)
+        busy = self.successResultOf(h.scheduler.enqueue(job("busy")))
+        ids = lambda: sorted(u["id"] for u in h.scheduler.snapshot())
+        # "busy" made room by forgetting "old", the idle user active least recently.
+        self.assertEqual(ids(), ["busy", "conf", "mid"])
+        self.successResultOf(h.scheduler.enqueue(job("new")))
+        self.assertEqual(ids(), ["busy", "conf", "new"])
+        # Nobody left to forget: a user with a request is admitted over the cap (what
+        # is queued and running is bounded on its own).
+        self.successResultOf(h.scheduler.enqueue(job("newer")))
+        self.assertEqual(ids(), ["busy", "conf", "new", "newer"])
+        busy.release()

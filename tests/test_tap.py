@@ -211,3 +211,91 @@ class SystemdListenTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             parse("--listen", "systemd:domain=INET:name=http")
         self.assertIn("systemd passed no socket named 'http'", str(caught.exception))
+
+
+class InjectedReactorTests(SynchronousTestCase):
+    """
+    The daemon's timers run on the reactor it is given, and production code never
+    imports test helpers.
+    """
+
+    def test_siteOnInjectedReactor(self) -> None:
+        """
+        The HTTP site (whose idle-connection timers twisted.web keeps) and the front's
+        request class are the ones L{makeService} was given.
+        """
+        reactor = MemoryReactorClock()
+        service = makeService(parse("-p", "12345"), reactor=reactor)
+        service.startService()
+        factory = reactor.tcpServers[0][1]
+        site = getattr(factory, "wrappedFactory", factory)
+        self.assertIs(site.reactor, reactor)
+        self.assertEqual(site.requestFactory.__name__, "FrontRequest")
+        d = service.stopService()
+        reactor.advance(0.1)
+        self.successResultOf(d)
+
+    def test_noTestHelpersImported(self) -> None:
+        """
+        Importing every module of the package loads neither twisted.internet.testing nor
+        the deprecated proto_helpers.
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import pkgutil, sys, ollamamq\n"
+            "for m in pkgutil.walk_packages(ollamamq.__path__, 'ollamamq.'):\n"
+            "    __import__(m.name)\n"
+            "print(sorted(n for n in sys.modules if n in ('twisted.internet.testing', "
+            "'twisted.test.proto_helpers')))\n"
+        )
+        import os
+
+        import ollamamq
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(ollamamq.__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env=env)
+        self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+
+
+class FileLimitTests(SynchronousTestCase):
+    """
+    The open-file limit is raised at start, with a warning when it cannot hold the
+    queue's connections.
+    """
+
+    def start(self, soft: int, hard: int, needed: int) -> tuple[list, list]:
+        import resource
+
+        from twisted.logger import globalLogPublisher
+
+        from ollamamq import tap
+
+        calls: list = []
+        events: list = []
+        self.patch(resource, "getrlimit", lambda which: (soft, hard))
+        self.patch(resource, "setrlimit", lambda which, limits: calls.append(limits))
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        tap._FileLimitService(needed).startService()
+        return calls, [e for e in events if e.get("log_level") is not None
+                       and e["log_level"].name == "warn"]
+
+    def test_raisedToHard(self) -> None:
+        """
+        The soft limit goes up to the hard one; no warning when that is enough.
+        """
+        calls, warnings = self.start(1024, 65536, 10256)
+        self.assertEqual((calls, warnings), ([(65536, 65536)], []))
+
+    def test_warnsWhenTooLow(self) -> None:
+        """
+        A hard limit below what C{max_queued_total} connections need is warned about.
+        """
+        calls, warnings = self.start(1024, 4096, 10256)
+        self.assertEqual(calls, [(4096, 4096)])
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("max_queued_total", warnings[0]["log_format"])
