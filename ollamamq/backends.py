@@ -78,16 +78,16 @@ class Backend:
     @ivar loaded: canonical keys of the models it has in memory.
     @ivar active: requests the proxy is running on it now.
     @ivar draining: finishing what it runs, taking nothing new.
+    @ivar slotsFromBackend: the config set no C{slots}: take what the backend reports
+        (llama-server's C{total_slots}), keeping C{slots} meanwhile.
+    @ivar server: the server software its answers name (C{"llama-server"},
+        C{"lmstudio"}, C{"vllm"}), when recognised.
     @ivar failures: failures in a row (probes and requests) since it was last online.
     @ivar unavailableSince: clock time it last left L{ONLINE}, or L{None}.
     @ivar failedAt: clock time of its latest failure, so that a probe that started before
         it cannot overwrite it.
     @ivar busyUntil: clock time until which it said it is busy, or L{None}.
     @ivar firstByteTimeouts: requests in a row that reached the first-byte timeout.
-    @ivar slotsFromBackend: the config set no C{slots}: take what the backend reports
-        (llama-server's C{total_slots}), keeping C{slots} meanwhile.
-    @ivar server: the server software its answers name (C{"llama-server"},
-        C{"lmstudio"}, C{"vllm"}), when recognised.
     """
 
     name: str
@@ -103,13 +103,13 @@ class Backend:
     error: str | None = None
     active: int = 0
     draining: bool = False
+    slotsFromBackend: bool = False
+    server: str | None = None
     failures: int = 0
     unavailableSince: float | None = None
     failedAt: float | None = None
     busyUntil: float | None = None
     firstByteTimeouts: int = 0
-    slotsFromBackend: bool = False
-    server: str | None = None
 
     @property
     def online(self) -> bool:

@@ -28,7 +28,8 @@ several servers answer paths they do not really implement:
 
 Backend facts are then read from the answers instead of guessed (L{readFacts}):
 llama.cpp's llama-server is recognised by C{GET /props} answering C{total_slots}, which
-becomes the backend's C{slots} when the config sets none; LM Studio and vLLM by the
+becomes the backend's C{slots} when the config sets none (and it serves the Anthropic
+Messages API natively); LM Studio and vLLM by the
 C{owned_by} of their C{/v1/models} entries. A llama-server still loading its model answers
 every call with 503 C{"Loading model"}: that backend is busy, not down: it keeps the state
 it had (a new one stays unknown, so requests for its model are told the backends are
@@ -371,8 +372,8 @@ class HealthChecker:
         self._running: dict[Backend, Deferred[None]] = {}
         self._waiters: dict[Backend, list[Deferred[None]]] = {}
         self._soon: dict[Backend, IDelayedCall] = {}
-        # Backends found loading, to probe again soon once their probe is over.
-        self._loadingAgain: list[Backend] = []
+        # Backends found loading their model, to probe again a moment after their probe.
+        self._loadingAgain: set[Backend] = set()
         self._service: _ProbeLoop | None = None
 
     def service(self) -> IService:
@@ -498,11 +499,11 @@ class HealthChecker:
         # No common way to ask an OpenAI-compatible server what is in memory (llama-server
         # and vLLM serve only loaded models, LM Studio lists what it could load), so none
         # is preferred for being "loaded".
-        # llama-server serves Anthropic Messages natively too; other OpenAI-compatible
-        # servers get Messages requests translated (ollamamq.translate).
+        # llama-server serves Anthropic's /v1/messages (and count_tokens) natively.
         dialects = (OPENAI_API, ANTHROPIC_API) if facts.server == LLAMA_SERVER else None
-        return Finding(OPENAI, models=tuple(ids), latency=latency, facts=facts,
-                       dialects=dialects)
+        return Finding(
+            OPENAI, models=tuple(ids), latency=latency, facts=facts, dialects=dialects
+        )
 
     @staticmethod
     def _ollamaDialects(version: str | None) -> tuple[str, ...]:
@@ -599,7 +600,7 @@ class HealthChecker:
             self.log.info(
                 "Backend {name} ({url}) is loading its model", name=backend.name, url=backend.url
             )
-        self._loadingAgain.append(backend)
+        self._loadingAgain.add(backend)
 
     def _applyFacts(self, backend: Backend, facts: Facts | None) -> None:
         """
@@ -651,8 +652,8 @@ class HealthChecker:
         if backend in self._again:
             self._again.discard(backend)
             self.probeSoon(backend)
-        elif backend in self._loadingAgain:
-            self._loadingAgain.remove(backend)
+        if backend in self._loadingAgain:
+            self._loadingAgain.discard(backend)
             self.probeSoon(backend, LOADING_RETRY)
 
 

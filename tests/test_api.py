@@ -944,6 +944,7 @@ class MethodTests(SynchronousTestCase):
         self.assertEqual(response.code, 400)
         self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")
 
+
 class AnthropicRouteTests(SynchronousTestCase):
     """
     The Anthropic Messages routes, relayed to a backend that serves them natively.

@@ -572,6 +572,8 @@ class FactsTests(PoolFixture, SynchronousTestCase):
         before = self.notified
         self.probe(backend)
         self.assertEqual((backend.state, backend.kind, backend.server), (ONLINE, OPENAI, "llama-server"))
+        # llama-server serves Anthropic's Messages API natively.
+        self.assertEqual(backend.dialects, frozenset({"openai", "anthropic"}))
         self.assertEqual(backend.slots, 2)
         self.assertGreater(self.notified, before)
         self.assertEqual(backend.describe()["server"], "llama-server")
@@ -670,15 +672,14 @@ class FactsTests(PoolFixture, SynchronousTestCase):
 
     def test_other503IsDown(self) -> None:
         """
-        A 503 that is not "Loading model" still counts as a failure (suspect after one,
-        offline after C{down_after}), not as loading.
+        A 503 that is not "Loading model" is still a failed probe (the backend is no
+        longer unknown, and no longer says it is loading).
         """
         backend, _ = self.addReporting(
             "b", {"/api/tags": (503, {"error": "busy"}), "/v1/models": (503, b"down")}
         )
         self.probe(backend)
         self.assertIn(backend.state, (SUSPECT, OFFLINE))
-        self.assertEqual(backend.failures, 1)
         self.assertNotEqual(backend.error, "loading model")
 
 

@@ -63,6 +63,16 @@ class LlamaServerTests(SimulatorTestCase):
         self.assertEqual(props["model_alias"], "gemma3")
         self.assertIn("n_ctx", props["default_generation_settings"])
 
+    def test_models(self) -> None:
+        """
+        C{/v1/models} lists the model as llama-server does: C{owned_by} C{"llamacpp"}, and
+        an Ollama-style C{models} list beside C{data}.
+        """
+        self.advance(5)
+        listing = self.getJSON("/v1/models")
+        self.assertEqual([(m["id"], m["owned_by"]) for m in listing["data"]], [("gemma3", "llamacpp")])
+        self.assertEqual([m["name"] for m in listing["models"]], ["gemma3"])
+
     def test_twoSlots(self) -> None:
         """
         Two requests run at once, the third waits.

@@ -330,21 +330,25 @@ class OpenAIDialect:
         @param name: a served model.
         @return: its OpenAI C{model} object.
         """
-        return {
-            "id": name,
-            "object": "model",
-            "created": MODIFIED_AT,
-            "owned_by": "library" if self.sim.options.api == "ollama" else self.sim.options.name,
-        }
+        api = self.sim.options.api
+        owner = {OLLAMA: "library", LLAMA_SERVER: "llamacpp"}.get(api, self.sim.options.name)
+        return {"id": name, "object": "model", "created": MODIFIED_AT, "owned_by": owner}
 
     def _openaiModels(self, request: Request) -> bytes:
         """
         C{GET /v1/models}.
         """
-        return self.sim.json(
-            request,
-            {"object": "list", "data": [self._openaiModelObject(n) for n in self.sim.modelNames]},
-        )
+        listing: dict[str, Any] = {
+            "object": "list",
+            "data": [self._openaiModelObject(n) for n in self.sim.modelNames],
+        }
+        if self.sim.options.api == LLAMA_SERVER:
+            # llama-server lists its models Ollama-style too, under "models".
+            listing["models"] = [
+                {"name": n, "model": n, "type": "model", "capabilities": ["completion"]}
+                for n in self.sim.modelNames
+            ]
+        return self.sim.json(request, listing)
 
     def _openaiModel(self, request: Request) -> bytes:
         """
