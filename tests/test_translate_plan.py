@@ -302,32 +302,47 @@ class MixedPoolTests(SynchronousTestCase):
         self.assertEqual(proxy.sims["vllm"].stats["log"][-1]["path"], "/v1/chat/completions")
 
 
-class BackpressureTests(SynchronousTestCase):
+class RelayedStreamTests(SynchronousTestCase):
     """
-    A translated stream keeps the relay's backpressure.
+    A translated stream through the real relay: backpressure, cancellation, and a
+    backend failure mid-stream ending the client's stream in its own framing.
     """
 
-    def test_pausesBackend(self) -> None:
+    def relayed(self, translator: Any, path: bytes = b"/api/chat",
+                family: str = "ollama") -> tuple[HTTPChannel, Any, StringTransport, Any]:
         """
-        The backend transport behind a translated response is the client request's
-        producer: a client that stops reading pauses the backend.
+        A client request relaying a translated backend response; returns the client
+        channel, the backend response, the backend transport and the relay's Deferred.
         """
-        from ollamamq.relay import Relay
-        from ollamamq.translate.ollama_openai import OllamaStream
-        from tests.test_translate_common import _Response
         from twisted.internet.task import Clock
 
-        clock = Clock()
+        from ollamamq.relay import Relay
+        from tests.test_translate_common import _Response
+
         channel = HTTPChannel()
         channel.makeConnection(StringTransport())
         request = Request(channel)
         request.method, request.uri, request.path, request.clientproto = (
-            b"POST", b"/api/chat", b"/api/chat", b"HTTP/1.1")
+            b"POST", path, path, b"HTTP/1.1")
         backend = _Response()
-        translated = TranslatedResponse(backend, OllamaStream("m", clock, 0, "chat"))
-        done = Relay(None, clock, 30).stream(request, translated, "ollama")
+        done = Relay(None, Clock(), 30).stream(request, TranslatedResponse(backend, translator),
+                                               family)
         backendTransport = StringTransport()
         backend.protocol.makeConnection(backendTransport)
+        return channel, backend, backendTransport, done
+
+    def test_pausesBackend(self) -> None:
+        """
+        The backend transport behind a translated response is the client request's
+        producer: a client that stops reading pauses the backend; cancelling (the client
+        left) stops it.
+        """
+        from twisted.internet.task import Clock
+
+        from ollamamq.translate.ollama_openai import OllamaStream
+
+        channel, backend, backendTransport, done = self.relayed(
+            OllamaStream("m", Clock(), 0, "chat"))
         channel.pauseProducing()
         self.assertEqual(backendTransport.producerState, "paused")
         channel.resumeProducing()
@@ -337,3 +352,26 @@ class BackpressureTests(SynchronousTestCase):
         done.cancel()
         self.assertEqual(backendTransport.producerState, "stopped")
         self.failureResultOf(done)
+
+    def test_failureMidStream(self) -> None:
+        """
+        A backend that fails mid-stream ends the translated stream with an error line
+        (NDJSON for Ollama, an C{error} event for Anthropic), never a silent cut.
+        """
+        from twisted.internet.task import Clock
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseFailed
+
+        from ollamamq.translate.anthropic_openai import MessagesStream
+        from ollamamq.translate.ollama_openai import OllamaStream
+
+        for translator, path, family, expected in (
+                (OllamaStream("m", Clock(), 0, "chat"), b"/api/chat", "ollama", b'{"error": "'),
+                (MessagesStream("m"), b"/v1/messages", "anthropic", b"event: error\ndata: ")):
+            channel, backend, _, done = self.relayed(translator, path, family)
+            backend.protocol.dataReceived(b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n')
+            backend.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionError())])))
+            self.successResultOf(done)
+            written = channel.transport.value()
+            self.assertIn(expected, written)
+            self.assertIn(b"backend failed mid-stream", written)

@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from ollamamq.errors import ANTHROPIC, OLLAMA, OPENAI, BadGateway, ProxyError, errorPayload
+from ollamamq.errors import BadGateway, ProxyError, errorPayload
 
 #: Largest single SSE event accepted from a backend. A chunk is one token or one tool
 #: call; anything near this is a misbehaving server, not an answer.
@@ -390,13 +390,3 @@ class TranslatedResponse:
         """
         self.previousResponse = response
 
-
-def familyOfPath(path: bytes) -> str:
-    """
-    The API family of a client path (as L{ollamamq.api.familyFor}).
-    """
-    if path.startswith(b"/v1/messages"):
-        return ANTHROPIC
-    if path.startswith(b"/v1/"):
-        return OPENAI
-    return OLLAMA

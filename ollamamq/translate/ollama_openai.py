@@ -48,7 +48,6 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamamq.errors import OLLAMA, BadRequest, ProxyError
 from ollamamq.translate.common import (
-    EVENT_STREAM,
     JSON_TYPE,
     NDJSON,
     SSEReader,
@@ -862,4 +861,4 @@ class EmbedWhole:
         return result
 
 
-__all__ = ["EVENT_STREAM", "EmbedWhole", "OllamaStream", "OllamaWhole", "translateRequest"]
+__all__ = ["EmbedWhole", "OllamaStream", "OllamaWhole", "translateRequest"]
