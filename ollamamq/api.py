@@ -87,6 +87,11 @@ class ProxyAPI:
     identity: IdentityResolver
     catalog: ModelCatalog
     aggregator: Aggregator
+    # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
+    # /proxy/status with the runtime details and the admin routes.
+    control: Any = None
+    # The admin HTTP API (ollamamq.control.http.AdminAPI), mounted at /proxy/.
+    admin: Any = None
 
     app = Klein()
 
@@ -170,6 +175,8 @@ class ProxyAPI:
         """
         Backends, users and queues, as documented in DESIGN.md section 4.
         """
+        if self.control is not None:
+            return _jsonResponse(request, self.control.status())
         payload = {
             "backends": [b.describe() for b in self.pool.backends],
             "users": self.scheduler.snapshot(),
@@ -178,6 +185,17 @@ class ProxyAPI:
             "active": self.scheduler.active,
         }
         return _jsonResponse(request, payload)
+
+    @app.route("/proxy/", branch=True)
+    def proxyAdmin(self, request: IRequest) -> Any:
+        """
+        The admin API (L{ollamamq.control.http}) below C{/proxy/}; routes of this table
+        with a fixed path (C{/proxy/status}) go first.
+        """
+        if self.admin is None:
+            raise NotFound(f"no route for {request.path.decode('latin-1')}",
+                           code="unknown_route")
+        return self.admin.resource()
 
     # --- aggregated over backends, never queued ---
 

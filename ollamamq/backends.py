@@ -261,6 +261,21 @@ class BackendPool:
         self.changed()
         return backend
 
+    def setSlots(self, name: str, slots: int) -> Backend:
+        """
+        Set how many requests a backend runs at once. Lowering it below its active count
+        lets those finish (L{Backend.free} stays at 0 until they do).
+
+        @raise UnknownBackend: when no backend has that name.
+        @raise ValueError: for fewer than one slot.
+        """
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        backend = self.get(name)
+        backend.slots = slots
+        self.changed()
+        return backend
+
     def markOnline(
         self,
         backend: Backend,

@@ -376,6 +376,20 @@ class HealthChecker:
         self._loadingAgain: set[Backend] = set()
         self._service: _ProbeLoop | None = None
 
+    def reconfigure(self, config: Any) -> None:
+        """
+        Take a reloaded config's probe interval (from the next round on) and timeout.
+        """
+        self.interval = config.healthInterval
+        self.probeTimeout = config.probeTimeout
+        self.downAfter = config.downAfter
+        loop = self._service
+        if loop is not None:
+            loop.step = config.healthInterval
+            running = getattr(loop, "_loop", None)
+            if running is not None:
+                running.interval = config.healthInterval
+
     def service(self) -> IService:
         """
         The service that probes every C{interval} seconds, the first round at once.

@@ -129,6 +129,12 @@ class IdentityResolver:
         self._trustHeader = config.trustUserHeader
         self._proxies: tuple[IPNetwork, ...] = tuple(config.trustedProxies)
 
+    def reconfigure(self, config: Config) -> None:
+        """
+        Take a reloaded config's keys, trust settings and admin key.
+        """
+        IdentityResolver.__init__(self, config)
+
     def identify(self, headers: Headers, peerHost: str) -> Identity:
         """
         Who sent a request.

@@ -248,6 +248,14 @@ class Relay:
         # File bodies are read in turns on our own clock, not the global reactor's.
         self._cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
 
+    def reconfigure(self, config: Any) -> None:
+        """
+        Take a reloaded config's idle and first-byte timeouts (requests already running
+        keep theirs).
+        """
+        self.idleTimeout = config.timeout
+        self.firstByteTimeout = config.firstByteTimeout
+
     async def open(
         self,
         backend: Backend,

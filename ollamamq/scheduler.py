@@ -150,6 +150,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import ipaddress
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -159,8 +160,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamamq.backends import ONLINE, Backend, BackendPool
-from ollamamq.config import FAIR_SHARES, PRIORITIES, Config
-from ollamamq.errors import BadGateway, TooManyRequests, Unavailable
+from ollamamq.config import FAIR_SHARES, PRIORITIES, Config, IPNetwork
+from ollamamq.errors import BadGateway, Forbidden, TooManyRequests, Unavailable
 
 VIP = 0
 NORMAL = 1
@@ -310,6 +311,8 @@ class _Ticket:
     state: str = _QUEUED
     deferred: Deferred[Lease] | None = None
     lease: Lease | None = None
+    # The id the control plane knows it by: the job's request id, else one made up.
+    id: str = ""
 
 
 @attrs.define(eq=False)
@@ -413,6 +416,7 @@ class _User:
     idlePending: bool = False
     meanLease: float | None = None
     modelLease: dict[str | None, float] = attrs.field(factory=dict)
+    blocked: bool = False
 
     @property
     def tier(self) -> int:
@@ -494,6 +498,12 @@ class Scheduler:
         self._outbox: deque[tuple[Deferred[Lease], Lease | Exception]] = deque()
         self._running = False
         self._again = False
+        # The control plane's view: queued tickets by id, blocked networks by prefix
+        # length (an admission check is one set lookup per length), event listeners.
+        self._byId: dict[str, _Ticket] = {}
+        self._blockedNets: dict[tuple[int, int], set[int]] = {}
+        self._networks: set[IPNetwork] = set()
+        self._listeners: list[Callable[[str, dict], None]] = []
         pool.subscribe(self._poolChanged)
 
     # --- public API ---
@@ -525,10 +535,13 @@ class Scheduler:
         """
         if self._stopped:
             return fail(self._shuttingDown())
+        user = self._users.get(job.user)
+        blocked = self._blockedFor(job, user)
+        if blocked is not None:
+            return fail(blocked)
         reach = self._reach(job.kinds, job.model, frozenset())
         if reach == _NONE:
             return fail(self._noBackend(job))
-        user = self._users.get(job.user)
         if user is not None:
             limit = user.maxQueued or self._config.maxQueuedPerUser
             if user.queued >= limit:
@@ -570,17 +583,24 @@ class Scheduler:
             if len(self._users) >= self._config.maxUsers:
                 self._forgetLeastRecent()
             user = self._users[job.user] = _User(id=job.user)
+        seq = next(self._seq)
         ticket = _Ticket(
             job=job,
             user=user,
-            seq=next(self._seq),
+            seq=seq,
             excluded=frozenset(),
             queuedSince=self._clock.seconds(),
+            id=job.requestId or f"q{seq}",
         )
         self._admit(ticket)
         if reach == _SOON:
             # It waits for a backend to come back: its grace must end in time.
             self._armGrace(ticket.queuedSince)
+        self._emit(
+            "request.queued",
+            {"id": ticket.id, "user": job.user, "model": job.model, "peer": job.peer,
+             "queued": user.queued},
+        )
         self._run()
         assert ticket.deferred is not None
         return ticket.deferred
@@ -619,21 +639,12 @@ class Scheduler:
     def snapshot(self) -> list[dict]:
         """
         One entry per configured, policy-holding or recently active user, by id:
-        C{{"id", "priority", "weight", "queued", "active", "served"}}; C{weight} is the
+        C{{"id", "priority", "weight", "max_queued", "blocked", "queued", "active",
+        "served"}}; C{max_queued} is L{None} for the server-wide limit; C{weight} is the
         configured weight (C{boost} doubles it on top), C{served} counts dispatched
         requests (a retried request counts once).
         """
-        return [
-            {
-                "id": u.id,
-                "priority": u.priority,
-                "weight": u.weight,
-                "queued": u.queued,
-                "active": u.active,
-                "served": u.served,
-            }
-            for u in sorted(self._users.values(), key=lambda u: u.id)
-        ]
+        return [self._describe(u) for u in sorted(self._users.values(), key=lambda u: u.id)]
 
     def stop(self) -> None:
         """
@@ -652,6 +663,257 @@ class Scheduler:
         self._deadlines.clear()
         self._idle.clear()
         self._run()
+
+    # --- control plane ---
+
+    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
+        """
+        Call C{listener(name, payload)} for every request event: C{request.queued},
+        C{request.started}, C{request.finished}, C{request.cancelled}, with the payloads
+        documented in L{ollamamq.control.amp}. A listener must not call back into the
+        scheduler.
+        """
+        self._listeners.append(listener)
+
+    def user(self, user: str) -> dict | None:
+        """
+        One user's entry as in L{snapshot}, or L{None} for a user the scheduler does not
+        know.
+        """
+        state = self._users.get(user)
+        return None if state is None else self._describe(state)
+
+    def setMaxQueued(self, user: str, maxQueued: int | None) -> None:
+        """
+        Set a user's queue limit (L{None}: the server-wide C{max_queued_per_user}). Already
+        queued requests stay; the limit applies to the next admission. The user is
+        remembered from then on, as with L{setPolicy}.
+
+        @raise ValueError: for a limit that is not a positive integer.
+        """
+        if maxQueued is not None and (
+            isinstance(maxQueued, bool) or not isinstance(maxQueued, int) or maxQueued < 1
+        ):
+            raise ValueError(f"max_queued must be a positive integer, got {maxQueued!r}")
+        state = self._userFor(user)
+        state.policySet = True
+        state.maxQueued = maxQueued
+
+    def setBlocked(self, user: str, blocked: bool) -> None:
+        """
+        Block or unblock a user. A blocked user's new requests are refused with
+        L{Forbidden} and its queued ones fail with it at once; running requests finish.
+        """
+        state = self._userFor(user)
+        state.policySet = True
+        if blocked == state.blocked:
+            return
+        state.blocked = blocked
+        if blocked:
+            error = self._blockedFor(Job(user=user, kinds=()), state)
+            assert error is not None
+            for queue in list(state.queues.values()):
+                for ticket in list(queue.tickets):
+                    if ticket.state == _QUEUED:
+                        self._fail(ticket, error, reason="blocked")
+            self._run()
+
+    def resetPolicy(
+        self,
+        user: str,
+        priority: str = "normal",
+        weight: float = 1.0,
+        maxQueued: int | None = None,
+    ) -> None:
+        """
+        Drop a user's runtime policy: set the given values (the config's, or the
+        defaults), unblock it, and let it be forgotten once idle again unless it is
+        configured.
+
+        @raise ValueError: as L{setPolicy} and L{setMaxQueued}.
+        """
+        self.setPolicy(user, priority=priority, weight=weight)
+        self.setMaxQueued(user, maxQueued)
+        self.setBlocked(user, False)
+        state = self._users[user]
+        state.policySet = False
+        self._maybeIdle(state)
+
+    def blockNetwork(self, network: IPNetwork) -> None:
+        """
+        Refuse requests whose peer address lies in C{network} with L{Forbidden}; queued
+        ones fail with it at once.
+        """
+        self._networks.add(network)
+        key = (network.version, network.prefixlen)
+        self._blockedNets.setdefault(key, set()).add(int(network.network_address))
+        # One pass over the queue: an operator action, not a per-request cost.
+        for state in list(self._users.values()):
+            for queue in list(state.queues.values()):
+                for ticket in list(queue.tickets):
+                    peer = ticket.job.peer
+                    if ticket.state == _QUEUED and peer is not None and self._peerBlocked(peer):
+                        error = self._blockedFor(ticket.job, None)
+                        assert error is not None
+                        self._fail(ticket, error, reason="blocked")
+        self._run()
+
+    def unblockNetwork(self, network: IPNetwork) -> bool:
+        """
+        Lift a block made with L{blockNetwork}.
+
+        @return: whether it was blocked.
+        """
+        if network not in self._networks:
+            return False
+        self._networks.discard(network)
+        key = (network.version, network.prefixlen)
+        networks = self._blockedNets[key]
+        networks.discard(int(network.network_address))
+        if not networks:
+            del self._blockedNets[key]
+        return True
+
+    def blockedNetworks(self) -> list[IPNetwork]:
+        """
+        The blocked networks, sorted (IPv4 first).
+        """
+        return sorted(
+            self._networks,
+            key=lambda n: (n.version, n.network_address, n.prefixlen),
+        )
+
+    def queuedRequests(self, user: str | None = None, limit: int | None = None) -> list[dict]:
+        """
+        The queued requests in predicted dispatch order: C{{"id", "position", "user",
+        "model", "waited", "peer"}}, C{position} 1 going next.
+
+        The prediction plays fair queuing forward as if every request could take the next
+        free slot: VIP first; within a tier by the start counter each request will have
+        (the user's counter plus the charges of its earlier requests), then by arrival.
+        Requests for a model with no free backend wait while others pass them, so the
+        real order can differ across models; within one model and tier it is exact.
+
+        Each user's requests are already in that order, so the users' sequences are
+        merged lazily: the first C{limit} rows cost O(limit log U + U), not a sort of the
+        whole queue.
+
+        @param user: only this user's requests (positions still count everyone's).
+        @param limit: at most this many rows (the first ones).
+        """
+        now = self._clock.seconds()
+        result: list[dict] = []
+        if limit is not None and limit <= 0:
+            return result
+        sequences = [self._predicted(state) for state in self._users.values() if state.queued]
+        for position, (_, _, _, ticket) in enumerate(heapq.merge(*sequences), 1):
+            job = ticket.job
+            if user is not None and job.user != user:
+                continue
+            result.append(
+                {
+                    "id": ticket.id,
+                    "position": position,
+                    "user": job.user,
+                    "model": job.model,
+                    "waited": ticket.waitedBefore + (now - ticket.queuedSince),
+                    "peer": job.peer,
+                }
+            )
+            if limit is not None and len(result) >= limit:
+                break
+        return result
+
+    def _predicted(self, state: _User) -> Iterator[tuple[int, float, int, _Ticket]]:
+        """
+        A user's queued tickets in arrival order, each with its predicted start:
+        C{(tier, start counter, seq, ticket)}, increasing.
+        """
+        tier = state.tier
+        counter = state.counter
+        weight = state.effectiveWeight
+        queues = [
+            ((t.seq, t) for t in q.tickets if t.state == _QUEUED) for q in state.queues.values()
+        ]
+        for seq, ticket in heapq.merge(*queues, key=lambda e: e[0]):
+            yield (tier, counter, seq, ticket)
+            cost = self._estimate(state, ticket.job.model) if self._timeShare else REQUEST_COST
+            counter += cost / weight
+
+    def cancelQueued(self, requestId: str, error: Exception | None = None) -> bool:
+        """
+        Take a queued request out of the queue; its Deferred errbacks with C{error}
+        (default: L{Unavailable} C{"cancelled by an operator"}).
+
+        @return: whether a queued request had that id.
+        """
+        ticket = self._byId.get(requestId)
+        if ticket is None or ticket.state != _QUEUED:
+            return False
+        if error is None:
+            error = Unavailable(
+                "the request was cancelled by an operator",
+                code="cancelled",
+                retryAfter=self._config.healthInterval,
+            )
+        self._fail(ticket, error, reason="operator")
+        self._run()
+        return True
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Apply a reloaded config: limits and timeouts from now on, and the configured users'
+        policies (the caller re-applies runtime overrides on top). Queues, counters and
+        leases are kept. Users no longer in the config keep their state and may be
+        forgotten once idle.
+
+        @raise ValueError: for a C{fairShare} that is not one of L{FAIR_SHARES}.
+        """
+        if config.fairShare not in FAIR_SHARES:
+            raise ValueError(
+                f"fairShare must be one of {', '.join(FAIR_SHARES)}, got {config.fairShare!r}"
+            )
+        old = self._config
+        self._config = config
+        self._timeShare = config.fairShare == "time"
+        for userID, userConfig in config.users.items():
+            state = self._userFor(userID)
+            policySet = state.policySet
+            self.setPolicy(userID, priority=userConfig.priority, weight=userConfig.weight)
+            self.setMaxQueued(userID, userConfig.maxQueued)
+            state.policySet = policySet
+            state.configured = True
+        for userID in old.users:
+            if userID not in config.users:
+                state = self._users.get(userID)
+                if state is not None:
+                    state.configured = False
+                    self._maybeIdle(state)
+        self._run()
+
+    def _userFor(self, user: str) -> _User:
+        """
+        The state of C{user}, created when needed.
+        """
+        state = self._users.get(user)
+        if state is None:
+            state = self._users[user] = _User(id=user)
+        return state
+
+    def _describe(self, u: _User) -> dict:
+        """
+        A user's entry in L{snapshot}.
+        """
+        return {
+            "id": u.id,
+            "priority": u.priority,
+            "weight": u.weight,
+            "max_queued": u.maxQueued,
+            "blocked": u.blocked,
+            "queued": u.queued,
+            "active": u.active,
+            "served": u.served,
+        }
 
     # --- errors ---
 
@@ -754,6 +1016,7 @@ class Scheduler:
         queue.insert(ticket)
         user.queued += 1
         self._queued += 1
+        self._byId[ticket.id] = ticket
         self._hold(job, 1)
         ticket.deferred = Deferred(lambda d: self._cancel(ticket))
         if isNew or (oldHead is not None and ticket.seq < oldHead.seq):
@@ -841,6 +1104,8 @@ class Scheduler:
         Take a queued ticket out of the counts (its queue drops it lazily).
         """
         ticket.state = state
+        if self._byId.get(ticket.id) is ticket:
+            del self._byId[ticket.id]
         user = ticket.user
         job = ticket.job
         queue = user.queues.get(_classKey(job.kinds, job.model, ticket.excluded))
@@ -864,6 +1129,7 @@ class Scheduler:
         """
         if ticket.state == _QUEUED:
             self._unqueue(ticket, _CANCELLED)
+            self._emitCancelled(ticket, "client")
         elif ticket.state == _GRANTED and ticket.lease is not None:
             lease = ticket.lease
             if lease._finished:
@@ -875,13 +1141,65 @@ class Scheduler:
             self._maybeIdle(user)
             self._run()
 
-    def _fail(self, ticket: _Ticket, error: Exception) -> None:
+    def _fail(self, ticket: _Ticket, error: Exception, reason: str = "failed") -> None:
         """
         Take a queued ticket out and errback it once the state is consistent.
+
+        @param reason: why, for the C{request.cancelled} event (see
+            L{ollamamq.control.amp}).
         """
         self._unqueue(ticket, _FAILED)
         assert ticket.deferred is not None
         self._outbox.append((ticket.deferred, error))
+        self._emitCancelled(ticket, reason)
+
+    def _emitCancelled(self, ticket: _Ticket, reason: str) -> None:
+        """
+        Tell the listeners a queued request left the queue without a slot.
+        """
+        job = ticket.job
+        self._emit(
+            "request.cancelled",
+            {"id": ticket.id, "user": job.user, "model": job.model, "reason": reason},
+        )
+
+    def _emit(self, name: str, payload: dict) -> None:
+        """
+        Call every listener with an event. Listeners only record it (they must not call
+        back into the scheduler), so this is safe in the middle of a dispatch.
+        """
+        for listener in self._listeners:
+            listener(name, payload)
+
+    def _blockedFor(self, job: Job, user: _User | None) -> Forbidden | None:
+        """
+        The error for a job whose user or address is blocked, else L{None}.
+        """
+        if user is not None and user.blocked:
+            return Forbidden(f"user {job.user} is blocked", code="user_blocked")
+        if self._blockedNets and job.peer is not None and self._peerBlocked(job.peer):
+            return Forbidden(f"address {job.peer} is blocked", code="address_blocked")
+        return None
+
+    def _peerBlocked(self, peer: str) -> bool:
+        """
+        Whether C{peer} lies in a blocked network: one set lookup per blocked prefix
+        length, whatever the number of blocks.
+        """
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        version = address.version
+        bits = address.max_prefixlen
+        value = int(address)
+        # Integer masks, not ipaddress objects: a few operations per blocked prefix length.
+        for (netVersion, length), networks in self._blockedNets.items():
+            if netVersion == version and (value >> (bits - length)) << (bits - length) in networks:
+                return True
+        return False
 
     def _failClass(self, cls: _Class, error: Callable[[], Exception]) -> None:
         """
@@ -976,6 +1294,8 @@ class Scheduler:
         user = queue.user
         queue.tickets.popleft()
         ticket.state = _GRANTED
+        if self._byId.get(ticket.id) is ticket:
+            del self._byId[ticket.id]
         queue.live -= 1
         if queue.live == 0:
             self._dropQueue(queue)
@@ -1012,6 +1332,11 @@ class Scheduler:
         ticket.lease = lease
         assert ticket.deferred is not None
         self._outbox.append((ticket.deferred, lease))
+        self._emit(
+            "request.started",
+            {"id": ticket.id, "user": job.user, "model": job.model, "backend": backend.name,
+             "waited": lease.waited},
+        )
         return True
 
     # --- leases ---
@@ -1044,6 +1369,12 @@ class Scheduler:
             return
         user = self._endLease(lease)
         duration = self._clock.seconds() - lease._grantedAt
+        job = lease.job
+        self._emit(
+            "request.finished",
+            {"id": lease._ticket.id, "user": job.user, "model": job.model,
+             "backend": lease.backend.name, "duration": duration},
+        )
         if self._meanLease is None:
             self._meanLease = duration
         else:
@@ -1122,6 +1453,7 @@ class Scheduler:
             excluded=excluded,
             queuedSince=self._clock.seconds(),
             waitedBefore=lease.waited,
+            id=old.id,
         )
         self._admit(ticket)
         if reach == _SOON:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 from typing import Any
 
 from twisted.application import service
@@ -32,12 +33,18 @@ from ollamamq.config import (
     buildConfig,
     loadConfigFile,
 )
+from ollamamq.control.actions import ControlActions
+from ollamamq.control.amp import ReloadFailed
+from ollamamq.control.events import EventHub
+from ollamamq.control.http import AdminAPI
+from ollamamq.control.server import ControlFactory, controlService
 from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
 from ollamamq.models import ModelCatalog
 from ollamamq.relay import Relay
 from ollamamq.scheduler import Scheduler
+from ollamamq.store import Store, StoreError, StoreService, loadState
 
 log = Logger()
 
@@ -137,6 +144,19 @@ class Options(usage.Options):
                 ) from None
             except (ValueError, TypeError) as e:
                 raise usage.UsageError(f"bad --listen endpoint {description!r}: {e}") from None
+
+    def reloadConfig(self) -> Config:
+        """
+        Read the config file again, merged with the same command line and environment as
+        at startup (the command line still wins).
+
+        @raise ConfigError: when it is unreadable or invalid, models clashing included.
+        """
+        if not self["config"]:
+            raise ConfigError("the daemon was started without --config: nothing to reload")
+        config = buildConfig(loadConfigFile(self["config"]), self._cliFields(), self.environ)
+        ModelCatalog(config.models)
+        return config
 
     def _cliFields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {}
@@ -265,6 +285,45 @@ class _FileLimitService(service.Service):
             )
 
 
+class _ReloadOnSignal(service.Service):
+    """
+    Reload the config on SIGHUP (what C{systemctl reload} sends, see the unit's
+    C{ExecReload}). The handler only schedules the reload on the reactor, which runs it
+    between events like any other work.
+    """
+
+    def __init__(self, reactor: Any, reload: Any, signum: int = signal.SIGHUP) -> None:
+        self._reactor = reactor
+        self._reload = reload
+        self._signum = signum
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(self._signum, self._received)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(self._signum, self._previous)
+            self._previous = None
+
+    def _received(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Reload; a refused config was logged by the reload itself, the old one stays.
+        """
+        log.info("SIGHUP: reloading the config")
+        try:
+            self._reload()
+        except ReloadFailed:
+            pass
+        except Exception:
+            log.failure("Reload failed")
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """
     Build the daemon: HTTP front, scheduler, backend pool, health checks.
@@ -278,7 +337,18 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     config = options.config
     assert config is not None, "Options.parseOptions() was not called"
 
+    try:
+        # Before anything serves: saved blocks and policies apply from the first request,
+        # and an unusable state file stops startup with its reason.
+        state = loadState(config.state)
+    except StoreError as e:
+        # One clear line and exit status 1, not a traceback: the operator has to act.
+        raise SystemExit(f"ollamamq: {e}") from None
+
     top = service.MultiService()
+    store = Store(config.state, reactor, reactor)
+    # First child: stopped last, after everything that may still save something.
+    StoreService(store).setServiceParent(top)
     httpPool = _QuietConnectionPool(reactor, persistent=True)
     httpPool.maxPersistentPerHost = max([b.slots or 1 for b in config.backends] + [4]) * 2
     agent = Agent(reactor, pool=httpPool)
@@ -315,6 +385,43 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
     )
+
+    def reconfigure(new: Config) -> None:
+        # The components that hold the config take the reloaded one; queues, counters,
+        # connections and running streams are untouched. The model catalog is immutable:
+        # a new one replaces it.
+        newCatalog = ModelCatalog(new.models)
+        api.config = new
+        api.catalog = newCatalog
+        api.aggregator.catalog = newCatalog
+        forwarder.catalog = newCatalog
+        forwarder.downAfter = new.downAfter
+        # Body and header limits: requests from now on are read under the new rules.
+        site.requestFactory = api.frontRules().requestFactory()
+        api.identity.reconfigure(new)
+        relay.reconfigure(new)
+        health.reconfigure(new)
+
+    hub = EventHub(reactor, lambda: actions.totals())
+    actions = ControlActions(
+        config=config,
+        pool=pool,
+        scheduler=scheduler,
+        store=store,
+        events=hub,
+        probe=health.probe,
+        loadConfig=options.reloadConfig if options["config"] else None,
+        reconfigure=[reconfigure],
+    )
+    actions.restore(state)
+    api.control = actions
+    api.admin = AdminAPI(
+        actions=actions,
+        hub=hub,
+        identify=lambda headers, peer: api.identity.identify(headers, peer).user,
+    )
+    _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
+    controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
 
     _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)

@@ -972,3 +972,41 @@ class AnthropicRouteTests(SynchronousTestCase):
         self.assertEqual((response.code, json.loads(answer)), (200, {"input_tokens": 3}))
         [seen] = [r for r in self.proxy.sims["gpu1"].requests if r["method"] == "POST"]
         self.assertEqual(seen["path"], "/v1/messages/count_tokens")
+
+
+class ControlMountTests(SynchronousTestCase):
+    """
+    The control plane wired into the route table: C{/proxy/status} from the actions, the
+    admin API below C{/proxy/}.
+    """
+
+    def test_mounted(self) -> None:
+        """
+        An admin write below C{/proxy/} reaches the admin app and shows in
+        C{/proxy/status}, which keeps its own route; blocked users get a shaped 403.
+        """
+        from ollamamq.control.actions import ControlActions
+        from ollamamq.control.events import EventHub
+        from ollamamq.control.http import AdminAPI
+
+        from .controlfixture import RecordingStore
+
+        p = Proxy(self, {"gpu1": sim(models=["llama3"])})
+        hub = EventHub(p.clock, lambda: {})
+        actions = ControlActions(config=p.config, pool=p.pool, scheduler=p.scheduler,
+                                 store=RecordingStore(), events=hub)
+        p.api.control = actions
+        p.api.admin = AdminAPI(actions=actions, hub=hub)
+        response, body = p.complete("PUT", "/proxy/users/mallory", {"blocked": True})
+        self.assertEqual(response.code, 200, body)
+        response, body = p.complete("GET", "/proxy/status")
+        users = {u["id"]: u for u in json.loads(body)["users"]}
+        self.assertEqual(users["mallory"]["blocked"], True)
+        self.assertEqual(users["mallory"]["runtime"], ["blocked"])
+        response, body = p.complete("POST", "/api/generate",
+                                    {"model": "llama3", "prompt": "hi"},
+                                    headers={"X-User-ID": "mallory"})
+        self.assertEqual(response.code, 403)
+        self.assertEqual(json.loads(body), {"error": "user mallory is blocked"})
+        response, body = p.complete("GET", "/proxy/nothing")
+        self.assertEqual(response.code, 404)

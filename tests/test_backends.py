@@ -191,3 +191,28 @@ class NotificationTests(SynchronousTestCase):
         pool.markOnline(a, OLLAMA, ["m"], loaded=["m"])
         pool.markOnline(a, OLLAMA, ["m", "n"], loaded=["m"])
         self.assertEqual(len(calls), 3)
+
+
+class SetSlotsTests(SynchronousTestCase):
+    """
+    L{BackendPool.setSlots}.
+    """
+
+    def test_setSlots(self) -> None:
+        """
+        More slots take more requests at once and notify the subscribers; fewer than the
+        running count leave none free until they finish; bad values are refused.
+        """
+        pool = onlinePool(("a", OLLAMA, ["m"], 1))
+        changes: list[None] = []
+        pool.subscribe(lambda: changes.append(None))
+        a = pool.get("a")
+        pool.acquire(a)
+        pool.setSlots("a", 3)
+        self.assertEqual((a.slots, a.free, len(changes)), (3, 2, 1))
+        pool.acquire(a)
+        pool.setSlots("a", 1)
+        self.assertEqual(a.free, 0)
+        for bad in (0, -1, 1.5, True):
+            self.assertRaises(ValueError, pool.setSlots, "a", bad)
+        self.assertRaises(UnknownBackend, pool.setSlots, "zz", 2)

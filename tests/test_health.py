@@ -943,3 +943,30 @@ class ServiceTests(PoolFixture, SynchronousTestCase):
         service.startService()
         self.assertEqual(fake.requests.count("/api/tags"), 2)
         self.successResultOf(service.stopService())
+
+
+class ReconfigureTests(PoolFixture, SynchronousTestCase):
+    """
+    L{HealthChecker.reconfigure}: a reloaded probe interval applies to the running loop.
+    """
+
+    def test_interval(self) -> None:
+        """
+        After the interval is changed, rounds come at the new interval.
+        """
+        from ollamamq.config import Config
+
+        self.setUpPool()
+        checker = HealthChecker(self.pool, self.net, self.clock, 10, 5)
+        backend, fake = self.addBackend("gpu1", ollamaRoutes(["llama3"]))
+        service = checker.service()
+        service.startService()
+        self.clock.advance(10)
+        self.assertEqual(fake.requests.count("/api/tags"), 2)
+        checker.reconfigure(Config(healthInterval=3.0, probeTimeout=2.0, downAfter=5))
+        self.assertEqual((checker.interval, checker.probeTimeout, checker.downAfter),
+                         (3.0, 2.0, 5))
+        self.clock.advance(10)
+        self.clock.advance(3)
+        self.assertEqual(fake.requests.count("/api/tags"), 4)
+        self.successResultOf(service.stopService())

@@ -305,3 +305,24 @@ class CredentialTests(SynchronousTestCase):
         r = IdentityResolver(Config())
         self.assertFalse(r.isProxyCredential(""))
         self.assertFalse(r.isProxyCredential("anything"))
+
+
+class ReconfigureTests(SynchronousTestCase):
+    """
+    L{IdentityResolver.reconfigure}: a reloaded config's keys and trust settings.
+    """
+
+    def test_newKeys(self) -> None:
+        """
+        After a reload, new keys identify their users and removed keys no longer do.
+        """
+        resolver = IdentityResolver(Config(users={"alice": UserConfig(keys=("sk-old",))}))
+        resolver.reconfigure(Config(users={"carol": UserConfig(keys=("sk-new",))}))
+        self.assertEqual(
+            resolver.identify(headers(authorization="Bearer sk-new"), "10.0.0.1"),
+            Identity("carol", KEY),
+        )
+        self.assertNotEqual(
+            resolver.identify(headers(authorization="Bearer sk-old"), "10.0.0.1").user,
+            "alice",
+        )

@@ -600,3 +600,21 @@ class HeaderTests(SynchronousTestCase):
         kept = forwardedHeaders(headers)
         self.assertEqual(kept.getRawHeaders(b"host"), [b"proxy"])
         self.assertIsNone(kept.getRawHeaders(b"x-private"))
+
+
+class ReconfigureTests(SynchronousTestCase):
+    """
+    L{Relay.reconfigure}: a reloaded config's timeouts.
+    """
+
+    def test_timeouts(self) -> None:
+        """
+        Both timeouts come from the new config.
+        """
+        from twisted.internet.task import Clock
+
+        from ollamamq.config import Config
+
+        relay = Relay(None, Clock(), 30)
+        relay.reconfigure(Config(timeout=12.0, firstByteTimeout=45.0))
+        self.assertEqual((relay.idleTimeout, relay.firstByteTimeout), (12.0, 45.0))

@@ -8,6 +8,7 @@ real L{BackendPool} and a L{task.Clock}.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -949,10 +950,10 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(
             h.scheduler.snapshot(),
             [
-                {"id": "alice", "priority": "vip", "weight": 2, "queued": 0, "active": 0,
-                 "served": 0},
-                {"id": "bob", "priority": "normal", "weight": 1, "queued": 1, "active": 1,
-                 "served": 1},
+                {"id": "alice", "priority": "vip", "weight": 2, "max_queued": None,
+                 "blocked": False, "queued": 0, "active": 0, "served": 0},
+                {"id": "bob", "priority": "normal", "weight": 1, "max_queued": None,
+                 "blocked": False, "queued": 1, "active": 1, "served": 1},
             ],
         )
         self.assertEqual((h.scheduler.queued, h.scheduler.active), (1, 1))
@@ -2059,3 +2060,196 @@ class BoundTests(SynchronousTestCase):
         self.successResultOf(h.scheduler.enqueue(job("newer")))
         self.assertEqual(ids(), ["busy", "conf", "new", "newer"])
         busy.release()
+
+
+class ControlPlaneTests(SynchronousTestCase):
+    """
+    The scheduler's operator hooks: blocks, limits, listing, cancelling, events and
+    reconfiguring.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        onlineBackend(self.h.pool, "b0")
+        self.events: list[tuple[str, dict]] = []
+        self.h.scheduler.subscribe(lambda name, payload: self.events.append((name, payload)))
+
+    def test_blockUserRefusesAndFailsQueued(self) -> None:
+        """
+        Blocking a user fails its queued requests with 403 at once, refuses new ones with
+        403, and lets its running request finish; other users are untouched.
+        """
+        h = self.h
+        h.submit("a0", job("alice"))
+        h.submit("a1", job("alice"))
+        h.submit("b0", job("bob"))
+        h.scheduler.setBlocked("alice", True)
+        self.assertEqual(h.failures["a1"].value.status, 403)
+        self.assertEqual(h.failures["a1"].value.code, "user_blocked")
+        h.submit("a2", job("alice"))
+        self.assertEqual(h.failures["a2"].value.status, 403)
+        self.assertEqual(h.labels(), ["a0"])
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["a0", "b0"])
+        self.assertEqual(h.scheduler.user("alice")["blocked"], True)
+        h.scheduler.setBlocked("alice", False)
+        h.submit("a3", job("alice"))
+        self.assertNotIn("a3", h.failures)
+        self.assertIn(
+            ("request.cancelled", {"id": "q1", "user": "alice", "model": "m:latest",
+                                   "reason": "blocked"}),
+            self.events,
+        )
+
+    def test_blockNetwork(self) -> None:
+        """
+        A blocked network refuses its peers (IPv4, and IPv4-mapped IPv6) and fails their
+        queued requests; other peers and unparseable peers pass; unblocking lifts it.
+        """
+        h = self.h
+        h.submit("run", Job(user="x", kinds=API, model="m:latest", peer="192.0.2.1"))
+        h.submit("inside", Job(user="x", kinds=API, model="m:latest", peer="10.1.2.3"))
+        h.submit("outside", Job(user="y", kinds=API, model="m:latest", peer="10.2.0.1"))
+        net = ipaddress.ip_network("10.1.0.0/16")
+        h.scheduler.blockNetwork(net)
+        self.assertEqual(h.failures["inside"].value.code, "address_blocked")
+        self.assertNotIn("outside", h.failures)
+        h.submit("mapped", Job(user="z", kinds=API, model="m:latest", peer="::ffff:10.1.9.9"))
+        self.assertEqual(h.failures["mapped"].value.status, 403)
+        h.submit("odd", Job(user="z", kinds=API, model="m:latest", peer="not-an-ip"))
+        self.assertNotIn("odd", h.failures)
+        self.assertEqual(h.scheduler.blockedNetworks(), [net])
+        self.assertTrue(h.scheduler.unblockNetwork(net))
+        self.assertFalse(h.scheduler.unblockNetwork(net))
+        h.submit("again", Job(user="x", kinds=API, model="m:latest", peer="10.1.2.3"))
+        self.assertNotIn("again", h.failures)
+
+    def test_maxQueued(self) -> None:
+        """
+        A per-user limit set at runtime applies at the next admission; L{None} goes back
+        to the server-wide limit; a bad limit is refused.
+        """
+        h = self.h
+        h.scheduler.setMaxQueued("alice", 1)
+        h.submit("run", job("alice"))
+        h.submit("q1", job("alice"))
+        h.submit("q2", job("alice"))
+        self.assertIsInstance(h.failures["q2"].value, TooManyRequests)
+        h.scheduler.setMaxQueued("alice", None)
+        h.submit("q3", job("alice"))
+        self.assertNotIn("q3", h.failures)
+        for bad in (0, -1, 1.5, True):
+            self.assertRaises(ValueError, h.scheduler.setMaxQueued, "alice", bad)
+
+    def test_resetPolicy(self) -> None:
+        """
+        Resetting a user sets the given values, unblocks it and lets it be forgotten when
+        idle.
+        """
+        h = Harness(idleForget=10.0)
+        h.scheduler.setPolicy("alice", priority="vip", weight=3)
+        h.scheduler.setBlocked("alice", True)
+        h.scheduler.resetPolicy("alice", priority="boost", weight=2, maxQueued=5)
+        self.assertEqual(
+            h.scheduler.user("alice"),
+            {"id": "alice", "priority": "boost", "weight": 2.0, "max_queued": 5,
+             "blocked": False, "queued": 0, "active": 0, "served": 0},
+        )
+        h.clock.advance(11)
+        self.assertIsNone(h.scheduler.user("alice"))
+
+    def test_queuedRequestsOrder(self) -> None:
+        """
+        The listing is in dispatch order with positions, ids, users, models, peers and
+        waits; filtering by user keeps the global positions; it matches what is then
+        dispatched.
+        """
+        h = self.h
+        h.submit("run", job("alice"))
+        for label, user in [("a1", "alice"), ("a2", "alice"), ("b1", "bob"), ("v1", "vip")]:
+            h.submit(label, Job(user=user, kinds=API, model="m:latest", peer="10.0.0.1",
+                                requestId=label))
+        h.scheduler.setPolicy("vip", priority="vip")
+        h.clock.advance(2)
+        listing = h.scheduler.queuedRequests()
+        self.assertEqual([r["id"] for r in listing], ["v1", "b1", "a1", "a2"])
+        self.assertEqual([r["position"] for r in listing], [1, 2, 3, 4])
+        self.assertEqual(listing[0], {"id": "v1", "position": 1, "user": "vip",
+                                      "model": "m:latest", "waited": 2.0, "peer": "10.0.0.1"})
+        self.assertEqual([(r["id"], r["position"]) for r in
+                          h.scheduler.queuedRequests(user="alice")], [("a1", 3), ("a2", 4)])
+        for _ in range(4):
+            h.releaseNext()
+        self.assertEqual(h.labels(), ["run", "v1", "b1", "a1", "a2"])
+
+    def test_cancelQueued(self) -> None:
+        """
+        Cancelling a queued request by id fails it with a 503 and an event; unknown,
+        running or already cancelled ids answer L{False}.
+        """
+        h = self.h
+        h.submit("run", Job(user="a", kinds=API, model="m:latest", requestId="r0"))
+        h.submit("wait", Job(user="a", kinds=API, model="m:latest", requestId="r1"))
+        self.assertFalse(h.scheduler.cancelQueued("r0"))
+        self.assertTrue(h.scheduler.cancelQueued("r1"))
+        self.assertFalse(h.scheduler.cancelQueued("r1"))
+        self.assertFalse(h.scheduler.cancelQueued("nope"))
+        self.assertEqual(h.failures["wait"].value.code, "cancelled")
+        self.assertEqual(h.scheduler.queued, 0)
+        self.assertEqual(self.events[-1][1]["reason"], "operator")
+
+    def test_generatedIds(self) -> None:
+        """
+        A job without a request id gets one, which cancels it.
+        """
+        h = self.h
+        h.submit("run", job("a"))
+        h.submit("wait", job("a"))
+        [entry] = h.scheduler.queuedRequests()
+        self.assertTrue(h.scheduler.cancelQueued(entry["id"]))
+        self.assertIn("wait", h.failures)
+
+    def test_events(self) -> None:
+        """
+        Queued, started, finished and client-cancelled requests are announced.
+        """
+        h = self.h
+        h.submit("run", Job(user="a", kinds=API, model="m:latest", requestId="r0",
+                            peer="10.0.0.1"))
+        d = h.scheduler.enqueue(Job(user="a", kinds=API, model="m:latest", requestId="r1"))
+        d.addErrback(lambda f: f.trap(CancelledError))
+        h.clock.advance(3)
+        d.cancel()
+        h.releaseNext()
+        self.assertEqual(
+            [name for name, _ in self.events],
+            ["request.queued", "request.started", "request.queued", "request.cancelled",
+             "request.finished"],
+        )
+        self.assertEqual(self.events[0][1], {"id": "r0", "user": "a", "model": "m:latest",
+                                             "peer": "10.0.0.1", "queued": 1})
+        self.assertEqual(self.events[1][1]["backend"], "b0")
+        self.assertEqual(self.events[3][1]["reason"], "client")
+        self.assertEqual(self.events[4][1]["duration"], 3.0)
+
+    def test_reconfigure(self) -> None:
+        """
+        A new config's users get their policy, users dropped from it become forgettable,
+        queued requests and counters stay.
+        """
+        h = Harness(users={"old": UserConfig(priority="vip")}, idleForget=10.0)
+        onlineBackend(h.pool, "b0")
+        h.submit("run", job("x"))
+        h.submit("wait", job("x"))
+        h.scheduler.reconfigure(
+            Config(users={"new": UserConfig(priority="boost", weight=3, maxQueued=7)},
+                   idleForget=10.0)
+        )
+        self.assertEqual(h.scheduler.user("new")["priority"], "boost")
+        self.assertEqual(h.scheduler.user("new")["max_queued"], 7)
+        self.assertEqual(h.scheduler.queued, 1)
+        h.clock.advance(11)
+        self.assertIsNone(h.scheduler.user("old"))
+        self.assertIsNotNone(h.scheduler.user("new"))
+        h.releaseNext()
+        self.assertEqual(h.labels(), ["run", "wait"])

@@ -9,6 +9,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from ollamamq.config import ConfigError
 from ollamamq.tap import Options, makeService
 
 
@@ -299,3 +300,91 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual(calls, [(4096, 4096)])
         self.assertEqual(len(warnings), 1)
         self.assertIn("max_queued_total", warnings[0]["log_format"])
+
+
+class ControlWiringTests(SynchronousTestCase):
+    """
+    The control plane in L{makeService}: the state file, the control socket, reloading.
+    """
+
+    def test_controlSocket(self) -> None:
+        """
+        The control socket listens at C{--control}, mode 0600, with a lockfile.
+        """
+        reactor = MemoryReactorClock()
+        path = self.mktemp()
+        service = makeService(parse("-p", "0", "--control", path, "--state", self.mktemp()),
+                              reactor=reactor)
+        service.privilegedStartService()
+        [(address, _, _, mode, wantPID)] = reactor.unixServers
+        self.assertEqual((address, mode, wantPID), (path, 0o600, True))
+
+    def test_unusableState(self) -> None:
+        """
+        A state file that is not a database stops startup with one clear message.
+        """
+        state = FilePath(self.mktemp())
+        state.setContent(b"not a database at all\n" * 100)
+        error = self.assertRaises(SystemExit, makeService,
+                                  parse("-p", "0", "--state", state.path),
+                                  reactor=MemoryReactorClock())
+        self.assertIn(f"state file {state.path} is not a usable SQLite database", str(error))
+
+    def test_reloadConfig(self) -> None:
+        """
+        L{Options.reloadConfig} reads the file again under the same command line, and
+        refuses a broken file with a L{ConfigError}.
+        """
+        config = FilePath(self.mktemp())
+        config.setContent(b"[server]\ntimeout = 5\n")
+        options = parse("-c", config.path, "--health-interval", "3")
+        config.setContent(b"[server]\ntimeout = 7\nhealth_interval = 9\n")
+        reloaded = options.reloadConfig()
+        self.assertEqual((reloaded.timeout, reloaded.healthInterval), (7.0, 3.0))
+        config.setContent(b"[server]\ntimeout = -1\n")
+        self.assertRaises(ConfigError, options.reloadConfig)
+        self.assertRaises(ConfigError, parse().reloadConfig)
+
+
+class ReloadSignalTests(SynchronousTestCase):
+    """
+    L{_ReloadOnSignal}: the signal schedules a reload on the reactor.
+    """
+
+    def test_signalReloads(self) -> None:
+        """
+        The signal makes the reactor run the reload; a refused reload is not raised; on
+        stop the previous handler is back.
+        """
+        import os
+        import signal
+
+        from ollamamq.control.amp import ReloadFailed
+        from ollamamq.tap import _ReloadOnSignal
+
+        scheduled: list = []
+
+        class Reactor:
+            def callFromThread(self, f, *args):
+                scheduled.append((f, args))
+
+        calls: list[str] = []
+
+        def reload() -> None:
+            calls.append("reload")
+            if len(calls) == 2:
+                raise ReloadFailed("broken")
+
+        previous = signal.getsignal(signal.SIGUSR2)
+        service = _ReloadOnSignal(Reactor(), reload, signal.SIGUSR2)
+        service.startService()
+        try:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGUSR2)
+                [(f, args)] = scheduled
+                scheduled.clear()
+                f(*args)
+        finally:
+            service.stopService()
+        self.assertEqual(calls, ["reload", "reload"])
+        self.assertEqual(signal.getsignal(signal.SIGUSR2), previous)
