@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_clients -*-
 """
 The client matrix: the official C{openai}, C{anthropic} and C{ollama} Python clients,
 through a real proxy process, against each kind of backend: the simulator in its Ollama,
@@ -25,7 +26,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from tests.harness import ProcessTestCase, threaded
+from tests.harness import ONLINE_LINE, ProcessTestCase, threaded
 from tests.llama import GEMMA_MODEL, LlamaServerTestCase
 
 QUESTION = [{"role": "user", "content": "Name one colour of the sky."}]
@@ -293,10 +294,19 @@ class LlamaServerSimulatorClients(ClientMatrix, ProcessTestCase):
 
     async def test_slotsFromProps(self) -> None:
         """
-        With no slots configured, the proxy takes the backend's C{/props} C{total_slots}
-        (2), and two requests run on it at once.
+        A llama-server still loading its model (503 "Loading model") is busy, not down:
+        the proxy says it is loading, never that it is suspect or offline, and takes it
+        online once loaded. With no slots configured it takes the backend's C{/props}
+        C{total_slots} (2), and two requests then run on it at once.
         """
-        url = await self.startStack()
+        self.backendURL, _ = await self.startSimulator(
+            "--api", "llama-server", "--models", self.model, "--tps", "20", "--tokens", "6",
+            "--slots", "2", "--load-delay", "6",
+        )
+        url, proxy = await self.startProxy("--backend", self.backendURL)
+        await proxy.waitFor(r"Backend \S+ \(\S+\) is loading its model")
+        await proxy.waitFor(ONLINE_LINE)
+        self.assertFalse([line for line in proxy.output if "suspect" in line or "offline" in line])
         status = await self.getStatus(url)
         [backend] = status["backends"]
         self.assertEqual((backend["slots"], backend["server"]), (2, "llama-server"))

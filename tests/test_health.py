@@ -544,6 +544,9 @@ class FactsTests(PoolFixture, SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        A pool, a fake network and a checker whose log events are kept.
+        """
         self.setUpPool()
         self.events: list[dict] = []
         self.checker = HealthChecker(self.pool, self.net, self.clock, 10, 5)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sim -*-
+# -*- test-case-name: tests.test_sim_anthropic -*-
 """
 The Anthropic Messages dialect of the simulator: C{POST /v1/messages} (a C{message}
 object, or when streamed the server-sent events C{message_start}, C{content_block_start},

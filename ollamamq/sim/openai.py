@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sim -*-
+# -*- test-case-name: tests.test_sim,tests.test_sim_openai -*-
 """
 The OpenAI dialect of the simulator: C{GET /v1/models}, C{GET /v1/models/{model}}, and the
 work routes C{POST /v1/chat/completions}, C{POST /v1/completions} (server-sent events when

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sim_options -*-
+# -*- test-case-name: tests.test_sim -*-
 """
 How a simulated backend behaves: L{SimulatorOptions}, validated so that a bad value gets a
 message fit for a command-line user.

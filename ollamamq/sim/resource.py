@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sim -*-
+# -*- test-case-name: tests.test_sim,tests.test_sim_openai,tests.test_sim_anthropic -*-
 """
 The simulator's HTTP side: L{Simulator} routes each request to its dialect (Ollama, OpenAI,
 Anthropic), shapes errors for the route's API family, admits work requests into the
