@@ -224,6 +224,19 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.f.actions.config, self.f.nextConfig)
         self.assertEqual(self.f.events[-1], ("config.reloaded", {"changes": changes}))
 
+    def test_addedBackendWithoutSlots(self) -> None:
+        """
+        A backend added by a reload with no C{slots} configured runs one request until
+        it reports its own slot count (llama-server's C{/props}), as at start-up.
+        """
+        gpu3 = BackendConfig(url="http://gpu3:11434", name="gpu3")
+        self.f.nextConfig = Config(backends=(GPU1, GPU2, gpu3),
+                                   users={"alice": UserConfig(priority="boost")})
+        self.f.actions.reload()
+        added = self.f.pool.get("gpu3")
+        self.assertEqual((added.slots, added.slotsFromBackend), (1, True))
+        self.assertEqual(added.free, 1)
+
     def test_runtimeOverridesStay(self) -> None:
         """
         Runtime user policy, removals and drains stay on top of the reloaded config;

@@ -635,8 +635,11 @@ class ControlActions:
                 continue
             backend = present.get(configured.name)
             if backend is None:
+                # No slots configured: 1 until the backend reports its own (health.py).
                 backend = self.pool.add(
-                    Backend(name=configured.name, url=configured.url, slots=configured.slots)
+                    Backend(name=configured.name, url=configured.url,
+                            slots=configured.slots or 1,
+                            slotsFromBackend=configured.slots is None)
                 )
                 self.probe(backend)
             elif override is not None and override.added:
@@ -648,7 +651,8 @@ class ControlActions:
                 backend.url = configured.url
                 self.probe(backend)
             if override is None or override.slots is None:
-                if backend.slots != configured.slots:
+                backend.slotsFromBackend = configured.slots is None
+                if configured.slots is not None and backend.slots != configured.slots:
                     self.pool.setSlots(backend.name, configured.slots)
             if override is not None:
                 self._applyBackend(override)
