@@ -178,7 +178,8 @@ class Aggregator:
         named = named or _entryName
         backends = list(backends)
         calls = [
-            getJSON(self.http, self.clock, b.url, path, self.timeout) for b in backends
+            getJSON(self.http, self.clock, b.url, path, self.timeout, headers=b.authHeaders())
+            for b in backends
         ]
 
         def merge(results: list[tuple[bool, Any]]) -> list[tuple[Backend, list[dict]]]:

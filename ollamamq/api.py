@@ -7,8 +7,10 @@ to the scheduler and then the relay, aggregated ones to the aggregator.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from io import BytesIO
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -28,9 +30,9 @@ from ollamamq.config import Config
 from ollamamq.errors import (
     BadRequest,
     BodyTooLarge,
-    Forbidden,
     NotFound,
     ProxyError,
+    Unauthorized,
     Unavailable,
     writeError,
 )
@@ -44,9 +46,13 @@ from ollamamq.front import (
     wrongMethod,
 )
 from ollamamq.identity import IdentityResolver
+from ollamamq.keys import UnknownKey, canHoldKeys
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, requestHeadersForBackend
+from ollamamq.metrics import Metrics, renderMetrics
+from ollamamq.requestlog import GROUPS, RequestLog, usageTotals
 from ollamamq.scheduler import Job, Scheduler
+from ollamamq.web.page import statusPage
 
 OLLAMA_ONLY = frozenset({OLLAMA_API})
 OPENAI_ONLY = frozenset({OPENAI_API})
@@ -74,10 +80,61 @@ def _peerHost(request: IRequest) -> str:
     return getattr(request.getClientAddress(), "host", None) or "local"
 
 
+def _when(name: str, value: str) -> float:
+    """
+    A time parameter: Unix seconds, or an ISO 8601 date or date-time (UTC unless it has
+    an offset).
+    """
+    from datetime import datetime, timezone
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 date, got {value!r}",
+                         code="invalid_parameter") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def usageFilters(args: dict[bytes, list[bytes]]) -> dict[str, Any]:
+    """
+    The filters of C{GET /proxy/usage} from its query arguments, checked.
+
+    @raise BadRequest: for an unknown group, a bad time, or an unknown parameter.
+    """
+    known = {"since", "until", "user", "model", "group"}
+    values: dict[str, str] = {}
+    for raw, given in args.items():
+        name = raw.decode("utf-8", "replace")
+        if name not in known:
+            raise BadRequest(f"unknown parameter {name!r} (known: {', '.join(sorted(known))})",
+                             code="invalid_parameter")
+        values[name] = given[-1].decode("utf-8", "replace")
+    group = values.get("group", "user")
+    if group not in GROUPS:
+        raise BadRequest(f"group: expected one of {', '.join(GROUPS)}, got {group!r}",
+                         code="invalid_parameter")
+    return {
+        "since": _when("since", values["since"]) if "since" in values else None,
+        "until": _when("until", values["until"]) if "until" in values else None,
+        "user": values.get("user"),
+        "model": values.get("model"),
+        "group": group,
+    }
+
+
 @attrs.define
 class ProxyAPI:
     """
     The Klein application of the proxy; all collaborators are injected.
+
+    @ivar keys: the runtime-minted keys (L{ollamamq.keys.MintedKeys}), or L{None} when
+        there is no state store to keep them in.
     """
 
     config: Config
@@ -87,6 +144,11 @@ class ProxyAPI:
     identity: IdentityResolver
     catalog: ModelCatalog
     aggregator: Aggregator
+    metrics: Metrics | None = None
+    # The store's runInteraction (the request log's database), for GET /proxy/usage.
+    runQuery: Callable[..., Any] | None = None
+    requestLog: RequestLog | None = None
+    keys: Any = None
     # The control plane (ollamamq.control.actions.ControlActions), when wired: serves
     # /proxy/status with the runtime details and the admin routes.
     control: Any = None
@@ -173,18 +235,134 @@ class ProxyAPI:
     @app.route("/proxy/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
         """
-        Backends, users and queues, as documented in DESIGN.md section 4.
+        Backends, users and queues, as documented in DESIGN.md section 4. Without the
+        admin key (see L{_isAdmin}), only totals and backend states: no user names, client
+        addresses or backend URLs.
         """
+        if not self._isAdmin(request):
+            return _jsonResponse(request, {
+                "backends": [
+                    {field: entry[field] for field in
+                     ("name", "online", "state", "kind", "slots", "active", "draining")
+                     if field in entry}
+                    for entry in (b.describe() for b in self.pool.backends)
+                ],
+                "queued": self.scheduler.queued,
+                "active": self.scheduler.active,
+                "detail": False,
+            })
         if self.control is not None:
-            return _jsonResponse(request, self.control.status())
-        payload = {
-            "backends": [b.describe() for b in self.pool.backends],
-            "users": self.scheduler.snapshot(),
-            "blocked_ips": [],
-            "queued": self.scheduler.queued,
-            "active": self.scheduler.active,
-        }
+            payload = self.control.status()
+        else:
+            payload = {
+                "backends": [b.describe() for b in self.pool.backends],
+                "users": self.scheduler.snapshot(),
+                "blocked_ips": [],
+                "queued": self.scheduler.queued,
+                "active": self.scheduler.active,
+            }
+        if self.metrics is not None:
+            self.metrics.addTokens(payload["users"])
         return _jsonResponse(request, payload)
+
+    @app.route("/metrics", methods=["GET"])
+    def metricsRoute(self, request: IRequest) -> bytes:
+        """
+        Prometheus metrics; the admin key is needed when C{metrics_public = false}.
+        """
+        if self.metrics is None:
+            raise NotFound("metrics are not enabled", code="unknown_route")
+        if not self.config.metricsPublic:
+            self._checkAdmin(request)
+        return renderMetrics(self.metrics.registry, request)
+
+    @app.route("/proxy/ui", methods=["GET"])
+    def ui(self, request: IRequest) -> bytes:
+        """
+        The live status page (static; it reads C{/proxy/status} and C{/proxy/events}).
+        """
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        # It loads nothing from elsewhere, and nobody should frame it.
+        request.setHeader(b"content-security-policy",
+                          b"default-src 'self'; script-src 'unsafe-inline'; "
+                          b"style-src 'unsafe-inline'; frame-ancestors 'none'")
+        request.setHeader(b"cache-control", b"no-cache")
+        return statusPage()
+
+    @app.route("/proxy/queue/me", methods=["GET"])
+    def queueMe(self, request: IRequest) -> bytes:
+        """
+        The caller's own queued requests with their places and estimated starts, the
+        caller identified as its requests are; nobody else's.
+        """
+        who = self.identity.identify(request.requestHeaders, _peerHost(request))
+        return _jsonResponse(request, {"user": who.user,
+                                       "requests": self.scheduler.queuedFor(who.user)})
+
+    @app.route("/proxy/usage", methods=["GET"])
+    async def usage(self, request: IRequest) -> bytes:
+        """
+        Totals from the request log (admin): C{since}, C{until} (Unix seconds or ISO 8601
+        dates/times, UTC unless they say otherwise), C{user}, C{model}, C{group}.
+        """
+        self._checkAdmin(request)
+        if self.runQuery is None:
+            raise NotFound("the request log is not enabled", code="unknown_route")
+        filters = usageFilters(request.args)
+        if self.requestLog is not None:
+            # Include the requests that finished since the last batch.
+            await self.requestLog.flush()
+        rows = await self.runQuery(usageTotals, **filters)
+        return _jsonResponse(request, {"group": filters["group"], "since": filters["since"],
+                                       "until": filters["until"], "totals": rows})
+
+    # --- runtime-minted API keys (admin) ---
+
+    def _keysFor(self, request: IRequest, user: str) -> Any:
+        """
+        The minted-keys manager, once the caller is known to be the admin and C{user} to
+        be a user id a key can name.
+        """
+        self._checkAdmin(request)
+        if not canHoldKeys(user):
+            raise BadRequest(f"not a user id a key can name: {user!r}", code="invalid_user")
+        if self.keys is None:
+            raise Unavailable("no state store to keep minted keys in", code="no_store")
+        return self.keys
+
+    @app.route("/proxy/users/<user>/keys", methods=["POST"])
+    async def mintKey(self, request: IRequest, user: str) -> bytes:
+        """
+        Mint a key for C{user}: answered once, stored only as its digest, accepted at
+        once.
+        """
+        minted = await self._keysFor(request, user).mint(user)
+        # The one answer that carries a key: no cache may keep it.
+        request.setHeader(b"cache-control", b"no-store")
+        return _jsonResponse(
+            request, {"user": user, "prefix": minted.prefix, "key": minted.key}, 201
+        )
+
+    @app.route("/proxy/users/<user>/keys", methods=["GET"])
+    async def listKeys(self, request: IRequest, user: str) -> bytes:
+        """
+        C{user}'s minted keys: prefixes and creation times, never the keys.
+        """
+        found = await self._keysFor(request, user).list(user)
+        return _jsonResponse(request, {"user": user, "keys": [
+            {"prefix": k.prefix, "created": k.created} for k in found
+        ]})
+
+    @app.route("/proxy/users/<user>/keys/<prefix>", methods=["DELETE"])
+    async def revokeKey(self, request: IRequest, user: str, prefix: str) -> bytes:
+        """
+        Revoke C{user}'s key named C{prefix}: refused from the moment this answers.
+        """
+        try:
+            await self._keysFor(request, user).revoke(user, prefix)
+        except UnknownKey:
+            raise NotFound(f"user {user!r} has no key {prefix!r}", code="unknown_key") from None
+        return _jsonResponse(request, {"user": user, "prefix": prefix, "revoked": True})
 
     @app.route("/proxy/", branch=True)
     def proxyAdmin(self, request: IRequest) -> Any:
@@ -478,26 +656,46 @@ class ProxyAPI:
 
     def _adminError(self, headers: Headers) -> ProxyError | None:
         """
-        The error for a request without the admin key, or L{None} when it has it (or when
-        no admin key is configured).
+        The 401 for a request without the admin key, or L{None} when it has it (or when
+        no admin key is configured: then L{_checkAdmin} asks for a local peer).
         """
-        key = self.config.adminKey
-        if key is None:
+        if self.config.adminKey is None or self.identity.isAdmin(headers):
             return None
-        given = [v.decode("latin-1").strip()
-                 for v in headers.getRawHeaders(b"x-admin-key", [])]
-        for auth in headers.getRawHeaders(b"authorization", []):
-            scheme, _, credential = auth.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                given.append(credential.strip())
-        if key not in given:
-            return Forbidden("this route needs the admin key", code="admin_only")
-        return None
+        return Unauthorized(
+            "this route needs the admin key (Authorization: Bearer or X-Admin-Key)",
+            code="admin_only",
+        )
+
+    def _isAdmin(self, request: IRequest) -> bool:
+        """
+        Whether C{request} comes from the admin: it carries the admin key, or no admin key
+        is configured and it comes straight from this host (a loopback peer, not relaying
+        for anyone: no C{X-Forwarded-For} or C{Forwarded}).
+        """
+        headers = request.requestHeaders
+        if self.config.adminKey is not None:
+            return self.identity.isAdmin(headers)
+        if headers.hasHeader(b"x-forwarded-for") or headers.hasHeader(b"forwarded"):
+            return False
+        peer = _peerHost(request)
+        try:
+            return ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            # No IP peer: a UNIX socket, which is on this host too.
+            return peer == "local" or peer.startswith("/")
 
     def _checkAdmin(self, request: IRequest) -> None:
+        """
+        Refuse a request that is not the admin's with 401 (see L{_isAdmin}).
+        """
         error = self._adminError(request.requestHeaders)
         if error is not None:
             raise error
+        if not self._isAdmin(request):
+            raise Unauthorized(
+                "this route is for the admin: set admin_key, or ask from this host",
+                code="admin_only",
+            )
 
     async def _fanOut(self, request: IRequest, targets: list[Backend], data: bytes,
                       blob: bool) -> bytes:

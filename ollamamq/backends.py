@@ -88,6 +88,8 @@ class Backend:
         it cannot overwrite it.
     @ivar busyUntil: clock time until which it said it is busy, or L{None}.
     @ivar firstByteTimeouts: requests in a row that reached the first-byte timeout.
+    @ivar apiKey: the backend's own key (C{[[backends]] api_key}), sent to it alone as
+        C{Authorization: Bearer}; never shown in status.
     """
 
     name: str
@@ -110,6 +112,7 @@ class Backend:
     failedAt: float | None = None
     busyUntil: float | None = None
     firstByteTimeouts: int = 0
+    apiKey: str | None = attrs.field(default=None, repr=False)
 
     @property
     def online(self) -> bool:
@@ -152,6 +155,15 @@ class Backend:
         return not self.dialects.isdisjoint(dialects) and (
             model is None or model in self.models
         )
+
+    def authHeaders(self) -> dict[bytes, list[bytes]]:
+        """
+        The headers that authenticate the proxy to this backend: C{Authorization: Bearer}
+        with its own key, or none.
+        """
+        if self.apiKey is None:
+            return {}
+        return {b"authorization": [b"Bearer " + self.apiKey.encode("utf-8")]}
 
     def modelName(self, model: str) -> str:
         """
@@ -264,7 +276,8 @@ class BackendPool:
     def setSlots(self, name: str, slots: int) -> Backend:
         """
         Set how many requests a backend runs at once. Lowering it below its active count
-        lets those finish (L{Backend.free} stays at 0 until they do).
+        lets those finish (L{Backend.free} stays at 0 until they do). Slots set so are no
+        longer taken from what the backend reports.
 
         @raise UnknownBackend: when no backend has that name.
         @raise ValueError: for fewer than one slot.
@@ -273,6 +286,7 @@ class BackendPool:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
         backend = self.get(name)
         backend.slots = slots
+        backend.slotsFromBackend = False
         self.changed()
         return backend
 

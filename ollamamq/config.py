@@ -10,7 +10,9 @@ never a traceback at the first request.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -20,6 +22,10 @@ import attrs
 
 PRIORITIES = ("vip", "boost", "normal")
 FAIR_SHARES = ("requests", "time")
+AUTH_MODES = ("optional", "required")
+# A configured key given as its digest rather than in the clear.
+DIGEST_PREFIX = "sha256:"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 DEFAULT_PORT = 11435
 DEFAULT_BACKEND = "http://localhost:11434"
 
@@ -41,11 +47,14 @@ class BackendConfig:
     @ivar name: short unique name used in status, metrics and the admin API.
     @ivar slots: how many requests the proxy runs on it at once; L{None} (not set): what
         the backend reports (llama-server's C{/props} C{total_slots}), else 1.
+    @ivar apiKey: the backend's own key, sent to it (and to no other) as
+        C{Authorization: Bearer}; L{None} when it needs none.
     """
 
     url: str
     name: str
     slots: int | None = None
+    apiKey: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -54,14 +63,20 @@ class UserConfig:
     Scheduling policy and credentials of one configured user.
 
     @ivar weight: share under contention; C{boost} priority doubles it.
-    @ivar keys: bearer keys that authenticate as this user.
+    @ivar keys: bearer keys that authenticate as this user, each in the clear or as
+        C{sha256:HEX} (the digest of the key).
     @ivar maxQueued: per-user queue limit, overriding the server-wide one.
+    @ivar maxRequestsPerMinute: per-user rate limit, overriding the server-wide one.
+    @ivar maxRunning: requests of this user running at once (more wait in the queue),
+        overriding the server-wide one.
     """
 
     priority: str = "normal"
     weight: float = 1.0
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     maxQueued: int | None = None
+    maxRequestsPerMinute: int | None = None
+    maxRunning: int | None = None
 
 
 @attrs.frozen
@@ -115,9 +130,34 @@ class Config:
     fairShare: str = "requests"
     trustUserHeader: bool = True
     trustedProxies: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1/32"),)
-    adminKey: str | None = None
+    adminKey: str | None = attrs.field(default=None, repr=False)
+    # "required": a request without a valid key is refused with 401.
+    auth: str = "optional"
+    # Per-user defaults; None means no limit.
+    maxRequestsPerMinute: int | None = None
+    maxRunningPerUser: int | None = None
+    # Seconds a client has to send its request headers (and, beyond that, the body at
+    # MIN_BODY_RATE); and the most header bytes a request may have.
+    clientTimeout: float = 30.0
+    maxHeaderBytes: int = 16384
     users: Mapping[str, UserConfig] = attrs.field(factory=dict)
     models: Mapping[str, ModelRule] = attrs.field(factory=dict)
+    # Observability: /metrics without the admin key, how many users get a metrics label
+    # of their own, how long request log rows are kept (None: forever), log lines' format.
+    metricsPublic: bool = True
+    metricsTopUsers: int = 50
+    logRetentionDays: float | None = 30.0
+    logFormat: str = "text"
+
+
+def keyDigest(key: str) -> str:
+    """
+    The C{sha256:HEX} form of a configured key: a digest stays as it is, a key in the clear
+    is hashed.
+    """
+    if key.lower().startswith(DIGEST_PREFIX):
+        return key.lower()
+    return DIGEST_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 # --- value checkers: each takes the dotted key (for the message) and the raw value ---
@@ -161,6 +201,33 @@ def _networks(key: str, value: Any) -> tuple[IPNetwork, ...]:
         except ValueError:
             raise ConfigError(f"{key}[{i}]: not an IP network: {item!r}") from None
     return tuple(nets)
+
+
+def _keys(key: str, value: Any) -> tuple[str, ...]:
+    keys = _stringList(key, value)
+    for i, item in enumerate(keys):
+        if item.lower().startswith(DIGEST_PREFIX) and not _DIGEST.match(item.lower()):
+            raise ConfigError(
+                f"{key}[{i}]: a {DIGEST_PREFIX} key needs 64 hex digits after the prefix "
+                "(ollamamq-keys prints one)"
+            )
+        if item != item.strip() or any(c.isspace() for c in item):
+            raise ConfigError(f"{key}[{i}]: a key may not contain whitespace")
+    return tuple(k.lower() if k.lower().startswith(DIGEST_PREFIX) else k for k in keys)
+
+
+def _authMode(key: str, value: Any) -> str:
+    if value not in AUTH_MODES:
+        raise ConfigError(f'{key}: expected "optional" or "required", got {value!r}')
+    return value
+
+
+def _pendingTokensPerDay(key: str, value: Any) -> Any:
+    # Refused rather than silently ignored: a limit that is not enforced must not look
+    # like one. It becomes real with usage accounting (token counts per user).
+    raise ConfigError(
+        f"{key}: not enforced yet (it needs the usage accounting still to come); remove it"
+    )
 
 
 def _keepAlive(key: str, value: Any) -> str | int:
@@ -241,7 +308,28 @@ _SERVER_KEYS: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = {
     "trust_user_header": ("trustUserHeader", _bool),
     "trusted_proxies": ("trustedProxies", _networks),
     "admin_key": ("adminKey", _string),
+    "metrics_public": ("metricsPublic", _bool),
+    "metrics_top_users": ("metricsTopUsers", _positiveInt),
+    "log_retention_days": ("logRetentionDays", _positiveNumber),
+    "log_format": ("logFormat", lambda key, value: logFormat(key, value)),
+    "auth": ("auth", _authMode),
+    "max_requests_per_minute": ("maxRequestsPerMinute", _positiveInt),
+    "max_running_per_user": ("maxRunningPerUser", _positiveInt),
+    "max_tokens_per_day": ("maxTokensPerDay", _pendingTokensPerDay),
+    "client_timeout": ("clientTimeout", _positiveNumber),
+    "max_header_bytes": ("maxHeaderBytes", _positiveInt),
 }
+
+LOG_FORMATS = ("text", "json")
+
+
+def logFormat(key: str, value: Any) -> str:
+    """
+    Check a log format name (C{text} or C{json}).
+    """
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value
 
 
 def _priority(key: str, value: Any) -> str:
@@ -262,18 +350,29 @@ def _users(value: Any) -> dict[str, UserConfig]:
             {
                 "priority": _priority,
                 "weight": _positiveNumber,
-                "keys": _stringList,
+                "keys": _keys,
                 "max_queued": _positiveInt,
+                "max_requests_per_minute": _positiveInt,
+                "max_running": _positiveInt,
+                "max_tokens_per_day": _pendingTokensPerDay,
             },
         )
-        if "max_queued" in fields:
-            fields["maxQueued"] = fields.pop("max_queued")
+        for name, field in (
+            ("max_queued", "maxQueued"),
+            ("max_requests_per_minute", "maxRequestsPerMinute"),
+            ("max_running", "maxRunning"),
+        ):
+            if name in fields:
+                fields[field] = fields.pop(name)
         for bearer in fields.get("keys", ()):
-            if bearer in seenKeys:
+            # Compared as digests, so a key given in the clear to one user and as its
+            # digest to another is caught too.
+            digest = keyDigest(bearer)
+            if digest in seenKeys:
                 raise ConfigError(
-                    f"users.{userID}.keys: a key is also given to user {seenKeys[bearer]!r}"
+                    f"users.{userID}.keys: a key is also given to user {seenKeys[digest]!r}"
                 )
-            seenKeys[bearer] = userID
+            seenKeys[digest] = userID
         users[userID] = UserConfig(**fields)
     return users
 
@@ -333,8 +432,12 @@ def _backends(value: Any) -> list[BackendConfig]:
     result = []
     for i, table in enumerate(value):
         fields = _table(
-            f"backends[{i}]", table, {"url": backendURL, "name": _string, "slots": _positiveInt}
+            f"backends[{i}]",
+            table,
+            {"url": backendURL, "name": _string, "slots": _positiveInt, "api_key": _string},
         )
+        if "api_key" in fields:
+            fields["apiKey"] = fields.pop("api_key")
         if "url" not in fields:
             raise ConfigError(f"backends[{i}].url: missing")
         fields.setdefault("name", defaultBackendName(fields["url"]))
@@ -397,6 +500,11 @@ def buildConfig(
     if envURLs:
         fields["backends"] = backendsFromURLs(envURLs, "OLLAMA_URLS")
     fields.update(cliFields)
+    if fields.get("auth") == "required":
+        # Required keys must not be sidestepped by a header any local process can send
+        # (the default trusted proxy is 127.0.0.1): trusting X-User-ID from a proxy that
+        # authenticates users is then an explicit choice.
+        fields.setdefault("trustUserHeader", False)
     if not fields.get("backends") and not fields.get("demo"):
         fields["backends"] = backendsFromURLs([DEFAULT_BACKEND], "backend")
     backends = fields.get("backends", ())

@@ -28,6 +28,7 @@ class ProxyError(Exception):
     @ivar message: what went wrong, for a person.
     @ivar code: a machine-readable reason (OpenAI C{error.code}), or L{None}.
     @ivar retryAfter: seconds for a C{Retry-After} header, or L{None}.
+    @ivar headers: further response headers the answer carries (lower-case names).
     """
 
     status = 500
@@ -41,6 +42,7 @@ class ProxyError(Exception):
         self.message = message
         self.code = code
         self.retryAfter = retryAfter
+        self.headers: dict[bytes, bytes] = {}
 
 
 class BadRequest(ProxyError):
@@ -54,7 +56,8 @@ class BadRequest(ProxyError):
 
 class Unauthorized(ProxyError):
     """
-    A missing or unknown key where one is needed.
+    A missing or unknown key where one is needed (the user's key with C{auth =
+    "required"}, the admin key on admin routes).
     """
 
     status = 401
@@ -63,7 +66,7 @@ class Unauthorized(ProxyError):
 
 class Forbidden(ProxyError):
     """
-    A blocked user or address, or an admin route without the admin key.
+    A blocked user or address.
     """
 
     status = 403
@@ -114,9 +117,36 @@ class BodyTooLarge(ProxyError):
     anthropicType = "request_too_large"
 
 
+class RequestTimeout(ProxyError):
+    """
+    The client sent its request too slowly (C{client_timeout}).
+    """
+
+    status = 408
+    openaiType = anthropicType = "invalid_request_error"
+
+
+class TargetTooLong(ProxyError):
+    """
+    The request line alone is over C{max_header_bytes}.
+    """
+
+    status = 414
+    openaiType = anthropicType = "invalid_request_error"
+
+
+class HeadersTooLarge(ProxyError):
+    """
+    The request's headers are over C{max_header_bytes}.
+    """
+
+    status = 431
+    openaiType = anthropicType = "invalid_request_error"
+
+
 class TooManyRequests(ProxyError):
     """
-    The user's queue is full.
+    The user's queue is full, or the user's request rate is over its limit.
     """
 
     status = 429
@@ -193,6 +223,7 @@ def retryAfterHeader(error: ProxyError) -> bytes | None:
 _REASONS = {
     400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
     405: b"Method Not Allowed", 413: b"Payload Too Large", 429: b"Too Many Requests",
+    408: b"Request Timeout", 414: b"URI Too Long",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout",
@@ -203,10 +234,14 @@ JSON_TYPE = b"application/json; charset=utf-8"
 
 def errorHeaders(error: ProxyError) -> list[tuple[bytes, bytes]]:
     """
-    The response headers that go with C{error}: its content type, and C{Retry-After} and
-    C{Allow} where it has them.
+    The response headers that go with C{error}: its content type, C{Retry-After} and
+    C{Allow} where it has them, C{WWW-Authenticate} on a 401 (the OpenAI and Anthropic
+    SDKs read it), and the error's own C{headers}.
     """
     headers = [(b"content-type", JSON_TYPE)]
+    if isinstance(error, Unauthorized):
+        headers.append((b"www-authenticate", b'Bearer realm="ollamamq"'))
+    headers.extend(error.headers.items())
     retry = retryAfterHeader(error)
     if retry is not None:
         headers.append((b"retry-after", retry))

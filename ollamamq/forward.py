@@ -42,13 +42,21 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 
 from ollamamq.backends import Backend, BackendPool
-from ollamamq.errors import OLLAMA, OPENAI, BadGateway, GatewayTimeout, Unavailable
+from ollamamq.errors import (
+    OLLAMA,
+    OPENAI,
+    BadGateway,
+    GatewayTimeout,
+    ProxyError,
+    Unavailable,
+)
 from ollamamq.front import familyFor
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, Relay
 from ollamamq.scheduler import Job, Lease, Scheduler
 from ollamamq.translate.common import Translation
 from ollamamq.translate.plan import Translator
+from ollamamq.tracking import Observer, Tracker
 
 log = Logger()
 
@@ -73,6 +81,18 @@ MAX_BUSY_ATTEMPTS = 20
 
 #: First-byte timeouts in a row that make a backend count as failed.
 FIRST_BYTE_STRIKES = 2
+
+
+def _outcome(request: IRequest, error: BaseException) -> tuple[int, bool]:
+    """
+    The status a request that ended with C{error} is recorded with, and whether its
+    client went away.
+    """
+    if isinstance(error, CancelledError):
+        return request.code, True
+    if isinstance(error, ProxyError):
+        return error.status, False
+    return 500, False
 
 
 @attrs.frozen
@@ -138,6 +158,8 @@ class Forwarder:
     downAfter: int = 3
     translator: Translator = attrs.field(
         default=attrs.Factory(lambda self: Translator(self.clock, self.relay), takes_self=True))
+    # Reports on every queued request (headers, metrics, request log, access line).
+    observer: Observer | None = None
     _busyTimers: dict[Backend, IDelayedCall] = attrs.field(factory=dict)
     _busyStreak: dict[Backend, int] = attrs.field(factory=dict)
 
@@ -150,24 +172,41 @@ class Forwarder:
             answer (429/503 from admission, 502 when every attempt failed, 504).
         """
         family = familyFor(outgoing.path)
-        lease: Lease = await self.scheduler.enqueue(job)
+        observer = self.observer if self.observer is not None else Observer(self.clock)
+        tracker = observer.begin(request, job.user, job.peer, outgoing.path.decode("latin-1"),
+                                 job.model, job.requestId)
+        if job.requestId is None:
+            job = attrs.evolve(job, requestId=tracker.requestId)
+        try:
+            lease: Lease = await self.scheduler.enqueue(job)
+        except BaseException as e:
+            tracker.finish(*_outcome(request, e))
+            raise
         failed = busy = 0
         try:
             while True:
+                tracker.granted(lease)
                 translation = self.translationFor(lease.backend, outgoing)
                 if translation is not None and translation.local is not None:
                     request.write(self.translator.answerLocally(request, translation))
+                    tracker.finish(request.code)
                     return
-                outcome = await self._open(lease.backend, outgoing, translation=translation)
+                outcome = await self._open(lease.backend, outgoing, tracker=tracker,
+                                           translation=translation)
                 if not isinstance(outcome, (_Failed, _Busy)):
-                    if translation is not None:
-                        await self.translator.respond(request, outcome, translation)
-                        return
-                    if self.translator.lacksMessages(outgoing.path, lease.backend, outcome):
+                    if translation is None and self.translator.lacksMessages(
+                            outgoing.path, lease.backend, outcome):
                         # No Messages route there after all: send it again, translated.
                         self.relay.discard(outcome)
                         continue
-                    await self.relay.stream(request, outcome, family)
+                    if translation is not None:
+                        await self.translator.respond(request, outcome, translation,
+                                                      tracker.streamAccount,
+                                                      tracker.proxyHeaders())
+                    else:
+                        await self.relay.stream(request, outcome, family,
+                                                tracker.streamAccount, tracker.proxyHeaders())
+                    tracker.finish(request.code)
                     return
                 if isinstance(outcome, _Busy):
                     busy += 1
@@ -176,9 +215,11 @@ class Forwarder:
                             f"backend {lease.backend.name} stayed busy", code="backend_busy",
                             retryAfter=self._busyDelay(lease.backend),
                         )
+                    tracker.busy(lease.backend)
                     lease = await lease.retry(exclude=False)
                     continue
                 failed += 1
+                tracker.failedOver(lease.backend)
                 if failed >= MAX_FAILED_ATTEMPTS:
                     raise BadGateway(f"no backend could answer: {outcome.reason}",
                                      code="backend_failed")
@@ -186,6 +227,9 @@ class Forwarder:
                     lease = await lease.retry()
                 except BadGateway as e:
                     raise BadGateway(f"{e.message} ({outcome.reason})", code=e.code) from None
+        except BaseException as e:
+            tracker.finish(*_outcome(request, e))
+            raise
         finally:
             lease.release()
 
@@ -244,6 +288,7 @@ class Forwarder:
         return json.dumps(rewritten).encode("utf-8")
 
     async def _open(self, backend: Backend, outgoing: Outgoing, queued: bool = True,
+                    tracker: Tracker | None = None,
                     translation: Translation | None = None) -> IResponse | _Failed | _Busy:
         """
         Send C{outgoing} (or its C{translation}) to C{backend} and say what its answer
@@ -251,6 +296,7 @@ class Forwarder:
 
         @param queued: whether the request can wait for a busy backend; if not, a 429 is
             an answer and a 503 a failure.
+        @param tracker: the request's observations, which may ask the backend for usage.
         """
         if translation is not None:
             data: bytes | BinaryIO | None = translation.encodedBody()
@@ -258,6 +304,10 @@ class Forwarder:
         else:
             data = self.bodyFor(backend, outgoing)
             target = outgoing.target
+        if tracker is not None:
+            # By the client's path: a translated request already asks for usage, and the
+            # account reads the translated answer, in the client's dialect.
+            data = tracker.prepare(outgoing.path, data)
         try:
             try:
                 response = await self.relay.open(

@@ -148,6 +148,7 @@ def getJSON(
     path: str,
     timeout: float,
     onResponse: Callable[[], None] | None = None,
+    headers: dict[bytes, list[bytes]] | None = None,
 ) -> Deferred[Any]:
     """
     C{GET base + path} and decode the JSON answer, all within C{timeout} seconds.
@@ -155,6 +156,7 @@ def getJSON(
     @param http: treq or a treq-like object (L{treq.testing.StubTreq}).
     @param clock: measures the deadline, so tests can use L{task.Clock}.
     @param onResponse: called when the response headers arrive (for latency).
+    @param headers: request headers (the backend's own credentials).
     @return: fires with the decoded JSON of a 2xx answer; errbacks with L{FetchError}
         (C{"GET /api/tags: 500"}, C{"GET /api/tags: not JSON"}, C{"GET /api/tags timed
         out after 5s"}, C{"connection refused"}, ...), or L{CancelledError} when the
@@ -193,7 +195,7 @@ def getJSON(
             raise FetchError(f"GET {path} timed out after {_seconds(seconds)}", connection=True)
         return result
 
-    d = http.get(url, unbuffered=True)
+    d = http.get(url, headers=headers or None, unbuffered=True)
     d.addCallback(gotResponse)
     d.addCallback(decode)
     d.addErrback(failed)
@@ -341,9 +343,12 @@ class HealthChecker:
     Probes the backends of a pool and records what it finds there.
 
     @ivar stopped: set while the service is stopped; cancelled probes then record nothing.
+    @ivar onProbe: called with each probed backend and its probe's latency in seconds, or
+        L{None} when it failed (for metrics).
     """
 
     log = Logger()
+    onProbe: Callable[[Backend, float | None], None] = staticmethod(lambda backend, latency: None)
 
     def __init__(
         self,
@@ -480,7 +485,8 @@ class HealthChecker:
 
         try:
             tags = await getJSON(
-                self.http, self.clock, backend.url, "/api/tags", self.probeTimeout, stamp
+                self.http, self.clock, backend.url, "/api/tags", self.probeTimeout, stamp,
+                headers=backend.authHeaders(),
             )
         except FetchError as e:
             if e.connection:
@@ -498,7 +504,8 @@ class HealthChecker:
 
         try:
             listing = await getJSON(
-                self.http, self.clock, backend.url, "/v1/models", self.probeTimeout
+                self.http, self.clock, backend.url, "/v1/models", self.probeTimeout,
+                headers=backend.authHeaders(),
             )
         except FetchError as e:
             if e.loading:
@@ -535,8 +542,11 @@ class HealthChecker:
         The loaded models and version of an Ollama backend, asked concurrently. Either
         may fail (old versions lack C{/api/ps}) without making the backend offline.
         """
-        ps = getJSON(self.http, self.clock, backend.url, "/api/ps", self.probeTimeout)
-        version = getJSON(self.http, self.clock, backend.url, "/api/version", self.probeTimeout)
+        auth = backend.authHeaders()
+        ps = getJSON(self.http, self.clock, backend.url, "/api/ps", self.probeTimeout,
+                     headers=auth)
+        version = getJSON(self.http, self.clock, backend.url, "/api/version", self.probeTimeout,
+                          headers=auth)
         results = await DeferredList([ps, version], consumeErrors=True)
         (psOK, psAnswer), (versionOK, versionAnswer) = results
         for ok, answer in results:
@@ -571,6 +581,7 @@ class HealthChecker:
             # Removed while we asked: writing would notify subscribers about a backend
             # nobody can use, and a name reused since must not get our stale answer.
             return
+        self.onProbe(backend, finding.latency if finding.kind is not None else None)
         before = backend.state
         if finding.loading:
             self._loading(backend, backend.error)

@@ -1,18 +1,25 @@
 # -*- test-case-name: tests.test_identity -*-
 """
-Who is asking: the user a request is queued and accounted under.
+Who is asking: the user a request is queued and accounted under, and whether that is
+proven.
 
 Rules, first match wins:
 
-  1. A bearer key (C{Authorization: Bearer <key>}, or C{x-api-key: <key>} as Anthropic
-     clients send it) that is one of the configured users' keys names that user
-     (source C{"key"}).
+  1. A key the request presents (L{presentedKey}: C{Authorization: Bearer <key>}, a bare
+     C{Authorization: <key>}, or C{x-api-key: <key>} as Anthropic clients send it) that is
+     one of the users' keys names that user (source C{"key"}, authenticated). Keys are
+     configured in the clear or as C{sha256:HEX}, or minted at runtime (stored as digests
+     only). A presented key is hashed before anything is compared, so neither the stored
+     form nor the timing of a lookup reveals a key (the admin key, a single secret, is
+     compared with C{hmac.compare_digest}).
   2. Else, when C{trust_user_header} is on, the C{X-User-ID} header names the user
      (source C{"header"}). The value is trimmed; it is ignored (the next rule applies) when
      it is empty, longer than L{MAX_USER_ID} characters, not UTF-8, contains control
-     characters, starts with the reserved L{IP_PREFIX}, or names a configured user that has
-     keys: such a user proves who they are with a key, so a header cannot borrow their
-     priority.
+     characters, starts with the reserved L{IP_PREFIX}, or names a user that has keys:
+     such a user proves who they are with a key, so a header cannot borrow their priority.
+     From a trusted proxy (C{trusted_proxies}) the header names the end user behind it,
+     whom that proxy authenticated: it counts as authenticated. From any other peer it is
+     a name only, and with C{auth = "required"} it is not honoured at all.
   3. Else the client address (source C{"ip"}), as the user id C{"ip:<address>"}. The
      prefix keeps addresses and chosen names in separate namespaces, so nobody can send
      C{X-User-ID: 10.0.0.7} to share (or starve) that host's queue. C{X-Forwarded-For} is
@@ -20,20 +27,26 @@ Rules, first match wins:
      in the header that is not itself a trusted proxy is the client (addresses further
      left were written by the client and can be forged).
 
-A bearer value that is not a configured key is not an identity: it may be meant for the
-backend (an OpenAI client always sends some key). Whether a request without a valid key is
-refused (401) is the HTTP layer's decision, not this module's.
+With C{auth = "optional"} (the default) every request has an identity. With
+C{auth = "required"}, L{IdentityResolver.authenticate} refuses one that is not
+authenticated (no key, an unknown key, a name only) with L{Unauthorized}.
+
+A bearer value that is not one of the proxy's keys is not an identity: with optional auth
+it may be meant for the backend (an OpenAI client always sends some key) and is forwarded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 from collections.abc import Iterable
 
 import attrs
 from twisted.web.http_headers import Headers
 
-from ollamamq.config import Config, IPNetwork
+from ollamamq.config import Config, IPNetwork, keyDigest
+from ollamamq.errors import Unauthorized
 
 KEY = "key"
 HEADER = "header"
@@ -52,10 +65,27 @@ class Identity:
 
     @ivar user: the user id scheduling and accounting use.
     @ivar source: how it was found: L{KEY}, L{HEADER} or L{IP}.
+    @ivar authenticated: whether it is proven: a user key, or C{X-User-ID} set by a
+        trusted proxy.
     """
 
     user: str
     source: str
+    authenticated: bool = False
+
+
+def _digestOf(credential: str) -> bytes:
+    """
+    The SHA-256 digest of a presented credential, the form keys are compared in.
+    """
+    return hashlib.sha256(credential.encode("utf-8")).digest()
+
+
+def _digestBytes(configured: str) -> bytes:
+    """
+    The raw digest of a configured key (in the clear or C{sha256:HEX}).
+    """
+    return bytes.fromhex(keyDigest(configured).partition(":")[2])
 
 
 def _firstHeader(headers: Headers, name: bytes) -> str | None:
@@ -79,6 +109,21 @@ def _bearer(value: str) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return credential.strip() or None
+
+
+def credentialsIn(value: str) -> list[str]:
+    """
+    The credentials an C{Authorization} or C{x-api-key} value may carry: the C{Bearer}
+    credential, or the whole value when it is a single token (Ollama-style clients and
+    C{x-api-key} send the bare key).
+    """
+    bearer = _bearer(value)
+    if bearer is not None:
+        return [bearer]
+    value = value.strip()
+    if value and " " not in value:
+        return [value]
+    return []
 
 
 def _hasControl(value: str) -> bool:
@@ -111,29 +156,81 @@ def _parseAddress(text: str) -> IPAddress | None:
 class IdentityResolver:
     """
     Turns a request's headers and peer address into an L{Identity}; see the module
-    docstring for the rules.
+    docstring for the rules. Holds the users' keys, as digests: those of the config and
+    those minted at runtime (L{addKey}, L{removeKey}).
     """
 
     def __init__(self, config: Config) -> None:
         """
-        @param config: supplies the users' keys, C{trustUserHeader}, C{trustedProxies} and
-            the admin key (a proxy credential too, see L{isProxyCredential}).
+        @param config: supplies the users' keys, C{auth}, C{trustUserHeader},
+            C{trustedProxies} and the admin key (a proxy credential too, see
+            L{isProxyCredential}).
         """
-        self._keys: dict[str, str] = {}
+        # Digest -> user: keys are never held in the clear.
+        self._keys: dict[bytes, str] = {}
+        self._keyCounts: dict[str, int] = {}
         for userID, userConfig in config.users.items():
             for key in userConfig.keys:
-                self._keys[key] = userID
-        # Users that authenticate with keys may not be claimed through X-User-ID.
-        self._keyed = frozenset(self._keys.values())
-        self._adminKey = config.adminKey
+                self.addKey(userID, _digestBytes(key))
+        # The config's own digests, told apart from runtime ones on a reload.
+        self._configured = frozenset(self._keys)
+        self._adminDigest = _digestOf(config.adminKey) if config.adminKey else None
+        self._required = config.auth == "required"
         self._trustHeader = config.trustUserHeader
         self._proxies: tuple[IPNetwork, ...] = tuple(config.trustedProxies)
 
+    @property
+    def required(self) -> bool:
+        """
+        Whether requests must be authenticated (C{auth = "required"}).
+        """
+        return self._required
+
+    def addKey(self, user: str, digest: bytes) -> None:
+        """
+        Let the key whose SHA-256 digest is C{digest} authenticate as C{user}, from now on.
+        """
+        previous = self._keys.get(digest)
+        if previous is not None:
+            self._forget(previous)
+        self._keys[digest] = user
+        self._keyCounts[user] = self._keyCounts.get(user, 0) + 1
+
+    def removeKey(self, digest: bytes) -> None:
+        """
+        Stop accepting the key whose digest is C{digest}, from now on.
+        """
+        user = self._keys.pop(digest, None)
+        if user is not None:
+            self._forget(user)
+
+    def _forget(self, user: str) -> None:
+        """
+        Count one key of C{user} less.
+        """
+        left = self._keyCounts[user] - 1
+        if left:
+            self._keyCounts[user] = left
+        else:
+            del self._keyCounts[user]
+
+    def hasKeys(self, user: str) -> bool:
+        """
+        Whether C{user} has keys (then only a key proves to be them).
+        """
+        return user in self._keyCounts
+
     def reconfigure(self, config: Config) -> None:
         """
-        Take a reloaded config's keys, trust settings and admin key.
+        Take a reloaded config's keys, trust settings and admin key. Keys minted at runtime
+        (added with L{addKey} after construction) are kept: they live in the state file,
+        not in the config.
         """
+        runtime = {d: u for d, u in self._keys.items() if d not in self._configured}
         IdentityResolver.__init__(self, config)
+        for digest, user in runtime.items():
+            self.addKey(user, digest)
+
 
     def identify(self, headers: Headers, peerHost: str) -> Identity:
         """
@@ -143,14 +240,55 @@ class IdentityResolver:
         @param peerHost: the address of the TCP peer (C{request.getClientAddress().host}).
         """
         for key in self._presentedKeys(headers):
-            user = self._keys.get(key)
+            user = self._userFor(key)
             if user is not None:
-                return Identity(user, KEY)
-        if self._trustHeader:
+                return Identity(user, KEY, True)
+        peer = _parseAddress(peerHost)
+        fromProxy = peer is not None and self._trusted(peer)
+        if self._trustHeader and (fromProxy or not self._required):
             user = self._headerUser(headers)
             if user is not None:
-                return Identity(user, HEADER)
+                return Identity(user, HEADER, fromProxy)
         return Identity(IP_PREFIX + self._clientAddress(headers, peerHost), IP)
+
+    def authenticate(self, headers: Headers, peerHost: str) -> Identity:
+        """
+        Who sent a request, refusing it when authentication is required and not given.
+
+        @raise Unauthorized: with C{auth = "required"}, for a request with no valid key
+            (and no C{X-User-ID} from a trusted proxy).
+        """
+        who = self.identify(headers, peerHost)
+        if self._required and not who.authenticated:
+            if any(True for _ in self._presentedKeys(headers)):
+                message = "the API key is not valid"
+                code = "invalid_api_key"
+            else:
+                message = ("an API key is required: send it as \"Authorization: Bearer "
+                           "<key>\" (or x-api-key)")
+                code = "missing_api_key"
+            raise Unauthorized(message, code=code)
+        return who
+
+    def isAdmin(self, headers: Headers) -> bool:
+        """
+        Whether a request carries the admin key (C{Authorization: Bearer} or
+        C{X-Admin-Key}). Always false when no admin key is configured.
+        """
+        if self._adminDigest is None:
+            return False
+        given = [v.decode("latin-1").strip()
+                 for v in headers.getRawHeaders(b"x-admin-key", [])]
+        for value in headers.getRawHeaders(b"authorization", []):
+            # Only as a bearer token: a bare Authorization value is a user key's form.
+            bearer = _bearer(value.decode("latin-1"))
+            if bearer is not None:
+                given.append(bearer)
+        # Every candidate compared, in constant time each: no early exit on a match.
+        found = False
+        for credential in given:
+            found |= hmac.compare_digest(_digestOf(credential), self._adminDigest)
+        return found
 
     def clientAddress(self, headers: Headers, peerHost: str) -> str:
         """
@@ -166,23 +304,31 @@ class IdentityResolver:
         C{Bearer <key>} header value) is one of the proxy's own credentials, a user key or
         the admin key, which the relay must strip rather than forward to a backend.
         """
-        credential = _bearer(value) or value.strip()
-        if not credential:
-            return False
-        return credential in self._keys or credential == self._adminKey
+        for credential in credentialsIn(value):
+            if self._userFor(credential) is not None:
+                return True
+            if self._adminDigest is not None and hmac.compare_digest(
+                _digestOf(credential), self._adminDigest
+            ):
+                return True
+        return False
+
+    def _userFor(self, credential: str) -> str | None:
+        """
+        The user whose key C{credential} is, or L{None}.
+        """
+        # Looked up by digest: whatever timing the lookup has depends on the SHA-256 of
+        # the guess, which tells an attacker nothing about any stored key.
+        return self._keys.get(_digestOf(credential))
 
     def _presentedKeys(self, headers: Headers) -> Iterable[str]:
         """
-        The credentials a request carries, C{Authorization} bearer first.
+        The credentials a request carries, C{Authorization} first.
         """
-        authorization = _firstHeader(headers, b"authorization")
-        if authorization is not None:
-            bearer = _bearer(authorization)
-            if bearer is not None:
-                yield bearer
-        apiKey = _firstHeader(headers, b"x-api-key")
-        if apiKey is not None and apiKey.strip():
-            yield apiKey.strip()
+        for name in (b"authorization", b"x-api-key"):
+            value = _firstHeader(headers, name)
+            if value is not None:
+                yield from credentialsIn(value)
 
     def _headerUser(self, headers: Headers) -> str | None:
         """
@@ -197,7 +343,7 @@ class IdentityResolver:
             or len(value) > MAX_USER_ID
             or _hasControl(value)
             or value.lower().startswith(IP_PREFIX)
-            or value in self._keyed
+            or self.hasKeys(value)
         ):
             return None
         return value

@@ -269,12 +269,21 @@ class Relay:
         Send a request to C{backend} and wait for its response headers.
 
         @param target: the path and query, origin form (checked by L{ollamamq.front}).
+        @param headers: the client's headers, less the proxy's own credentials. A backend
+            with its own C{apiKey} gets that as C{Authorization: Bearer} instead of any
+            credential the client sent.
         @param fresh: open a new connection instead of reusing a pooled one.
         @raise BackendUnreachable: the connection failed before a response started.
         @raise GatewayTimeout: no response headers within the first-byte timeout.
         @raise CancelledError: the caller cancelled (the client went away).
         """
         url = targetURL(backend.url, target)
+        auth = backend.authHeaders()
+        if auth:
+            headers = headers.copy()
+            headers.removeHeader(b"x-api-key")
+            for name, values in auth.items():
+                headers.setRawHeaders(name, values)
         agent = self.freshAgent if fresh else self.agent
         d = agent.request(method, url, headers, self._producer(body))
         timedOut = []
@@ -318,6 +327,8 @@ class Relay:
         request: IRequest,
         response: IResponse,
         family: str,
+        account: Any = None,
+        headers: dict[bytes, bytes] | None = None,
     ) -> Deferred[int]:
         """
         Copy C{response} (status, headers, body) to C{request} as it arrives.
@@ -327,6 +338,9 @@ class Relay:
         it is never taken for complete).
 
         @param family: the route's API family, for the shape of a final error line.
+        @param account: a L{ollamamq.usage.StreamAccount} every body chunk goes through
+            (token counts, first byte; it may hold back or remove bytes).
+        @param headers: the proxy's own response headers, set over the backend's.
         @return: fires with the number of body bytes relayed once the body is complete;
             cancel it to drop the backend connection.
         """
@@ -337,7 +351,12 @@ class Relay:
             # Twisted's client keeps Content-Length out of the headers; the body is relayed
             # byte for byte, so the client may rely on it (and gets no chunked framing).
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+        for name, value in (headers or {}).items():
+            request.responseHeaders.setRawHeaders(name, [value])
         contentType = b";".join(response.headers.getRawHeaders(b"content-type", [])).lower()
+        if account is not None:
+            account.started(b"text/event-stream" in contentType,
+                            response.length is not UNKNOWN_LENGTH)
         relay = _BodyRelay(
             request,
             self.clock,
@@ -346,6 +365,7 @@ class Relay:
             family,
             sse=b"text/event-stream" in contentType,
             ndjson=b"ndjson" in contentType,
+            account=account,
         )
         # Send the headers now: a client learns the request started even while the model
         # loads, and the status is final from here on.
@@ -485,8 +505,10 @@ class _BodyRelay(Protocol):
         family: str,
         sse: bool,
         ndjson: bool,
+        account: Any = None,
     ) -> None:
         self._request = request
+        self._account = account
         self._clock = clock
         self._idleTimeout = idleTimeout
         self._firstByteTimeout = firstByteTimeout
@@ -555,6 +577,10 @@ class _BodyRelay(Protocol):
             self._startTimer()
         elif self._idle is not None:
             self._idle.reset(self._idleTimeout)
+        if self._account is not None:
+            data = self._account.feed(data)
+            if not data:
+                return
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = ConnectionDone()) -> None:
@@ -565,6 +591,10 @@ class _BodyRelay(Protocol):
             self._request.unregisterProducer()
         if self._cancelled:
             return
+        if self._account is not None and connected:
+            held = self._account.finish()
+            if held:
+                self._request.write(held)
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(self.relayed)
             return

@@ -399,12 +399,16 @@ class _User:
     @ivar meanLease: smoothed duration of the user's leases (C{fair_share = "time"}), or
         L{None} before the first one ends.
     @ivar modelLease: the same per model.
+    @ivar maxRunning: leases the user may hold at once (L{None}: no limit). A user at the
+        limit is I{capped}: its queues leave the heaps (their entries are dropped) until
+        a lease ends, so dispatch never looks at them meanwhile.
     """
 
     id: str
     priority: str = "normal"
     weight: float = 1.0
     maxQueued: int | None = None
+    maxRunning: int | None = None
     configured: bool = False
     policySet: bool = False
     counter: float = 0.0
@@ -424,6 +428,13 @@ class _User:
         L{VIP} or L{NORMAL}.
         """
         return VIP if self.priority == "vip" else NORMAL
+
+    @property
+    def capped(self) -> bool:
+        """
+        Whether the user holds as many leases as C{maxRunning} allows.
+        """
+        return self.maxRunning is not None and self.active >= self.maxRunning
 
     @property
     def effectiveWeight(self) -> float:
@@ -470,6 +481,8 @@ class Scheduler:
                 priority=userConfig.priority,
                 weight=userConfig.weight,
                 maxQueued=userConfig.maxQueued,
+                maxRunning=(userConfig.maxRunning if userConfig.maxRunning is not None
+                            else config.maxRunningPerUser),
                 configured=True,
             )
         self._classes: dict[tuple, _Class] = {}
@@ -498,6 +511,8 @@ class Scheduler:
         self._outbox: deque[tuple[Deferred[Lease], Lease | Exception]] = deque()
         self._running = False
         self._again = False
+        # Users at their maxRunning whose queues were taken out of the heaps.
+        self._capped: set[_User] = set()
         # The control plane's view: queued tickets by id, blocked networks by prefix
         # length (an admission check is one set lookup per length), event listeners.
         self._byId: dict[str, _Ticket] = {}
@@ -582,7 +597,9 @@ class Scheduler:
             # Created only once admitted, so refused strangers leave no state behind.
             if len(self._users) >= self._config.maxUsers:
                 self._forgetLeastRecent()
-            user = self._users[job.user] = _User(id=job.user)
+            user = self._users[job.user] = _User(
+                id=job.user, maxRunning=self._config.maxRunningPerUser
+            )
         seq = next(self._seq)
         ticket = _Ticket(
             job=job,
@@ -624,7 +641,7 @@ class Scheduler:
             raise ValueError(f"weight must be positive, got {weight!r}")
         state = self._users.get(user)
         if state is None:
-            state = self._users[user] = _User(id=user)
+            state = self._users[user] = _User(id=user, maxRunning=self._config.maxRunningPerUser)
         state.policySet = True
         if weight is not None:
             state.weight = float(weight)
@@ -645,6 +662,44 @@ class Scheduler:
         requests (a retried request counts once).
         """
         return [self._describe(u) for u in sorted(self._users.values(), key=lambda u: u.id)]
+
+    def queuedByBackend(self) -> dict[str, int]:
+        """
+        For each backend (by name), how many queued requests it could serve (a request
+        that several backends serve counts for each). For metrics, read at scrape time:
+        O(users x classes).
+        """
+        counts = {b.name: 0 for b in self._pool.backends}
+        perClass: dict[tuple, int] = {}
+        for user in self._users.values():
+            for key, queue in user.queues.items():
+                if queue.live:
+                    perClass[key] = perClass.get(key, 0) + queue.live
+        for key, count in perClass.items():
+            cls = self._classes.get(key)
+            if cls is None:
+                continue
+            for backend in self._pool.backends:
+                if cls.servedBy(backend):
+                    counts[backend.name] += count
+        return counts
+
+    def queuedFor(self, user: str) -> list[dict]:
+        """
+        One user's queued requests as in L{queuedRequests} (positions among everyone's),
+        each with C{"estimated_start"}: seconds from now until it should start, the
+        requests ahead of it divided by the slots of the available backends that have its
+        model, times the mean lease duration so far; L{None} while no such backend is
+        available.
+        """
+        mean = self._meanLease if self._meanLease is not None else DEFAULT_ESTIMATE
+        found = self.queuedRequests(user)
+        for entry in found:
+            model = entry["model"]
+            slots = sum(b.slots for b in self._pool.backends
+                        if b.available and (model is None or model in b.models))
+            entry["estimated_start"] = ((entry["position"] - 1) // slots) * mean if slots else None
+        return found
 
     def stop(self) -> None:
         """
@@ -889,6 +944,7 @@ class Scheduler:
                 if state is not None:
                     state.configured = False
                     self._maybeIdle(state)
+        self._applyMaxRunning()
         self._run()
 
     def _userFor(self, user: str) -> _User:
@@ -897,8 +953,21 @@ class Scheduler:
         """
         state = self._users.get(user)
         if state is None:
-            state = self._users[user] = _User(id=user)
+            state = self._users[user] = _User(id=user, maxRunning=self._config.maxRunningPerUser)
         return state
+
+    def _applyMaxRunning(self) -> None:
+        """
+        Give every user the C{maxRunning} of the current config (their own, else the
+        server-wide one); users it uncaps compete again at once.
+        """
+        for state in self._users.values():
+            own = self._config.users.get(state.id)
+            limit = own.maxRunning if own is not None else None
+            state.maxRunning = limit if limit is not None else self._config.maxRunningPerUser
+            if state in self._capped and not state.capped:
+                self._capped.discard(state)
+                self._reindexUser(state)
 
     def _describe(self, u: _User) -> dict:
         """
@@ -1040,6 +1109,11 @@ class Scheduler:
             self._dropQueue(queue)
             return
         user = queue.user
+        if user.capped:
+            # Parked: re-pushed when one of the user's leases ends (see _endLease).
+            queue.entry = None
+            self._capped.add(user)
+            return
         cls = queue.cls
         entry = (user.counter, head.seq, next(self._pushes), queue)
         queue.entry = entry
@@ -1087,6 +1161,12 @@ class Scheduler:
             if head is None:
                 heapq.heappop(heap)
                 self._dropQueue(queue)
+                continue
+            if queue.user.capped:
+                # At its maxRunning: parked until one of its leases ends (see _endLease).
+                heapq.heappop(heap)
+                queue.entry = None
+                self._capped.add(queue.user)
                 continue
             counter = queue.user.counter
             if entry[0] != counter or entry[1] != head.seq:
@@ -1206,6 +1286,10 @@ class Scheduler:
         Fail every queued request of a class; C{error} makes the exception.
         """
         queues = [e[3] for heap in cls.heaps for e in heap if e[3].entry is e]
+        for user in self._capped:
+            parked = user.queues.get(cls.key)
+            if parked is not None and parked.entry is None:
+                queues.append(parked)
         for queue in queues:
             for ticket in list(queue.tickets):
                 if ticket.state == _QUEUED:
@@ -1350,6 +1434,10 @@ class Scheduler:
         user = lease._ticket.user
         user.active -= 1
         self._active -= 1
+        if user in self._capped and not user.capped:
+            # Below its maxRunning again: its parked queues compete from now on.
+            self._capped.discard(user)
+            self._reindexUser(user)
         return user
 
     def _refund(self, user: _User, lease: Lease) -> None:

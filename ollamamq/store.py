@@ -96,6 +96,44 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )
         """,
     ),
+    # Version 3: the request log (ollamamq.requestlog): one row per finished request, no
+    # prompt or response text.
+    (
+        """
+        CREATE TABLE request_log (
+            id INTEGER PRIMARY KEY,
+            time REAL NOT NULL,
+            request_id TEXT NOT NULL,
+            user TEXT NOT NULL,
+            peer TEXT,
+            route TEXT NOT NULL,
+            model TEXT,
+            backend TEXT,
+            queue_wait REAL,
+            first_byte REAL,
+            duration REAL NOT NULL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            bytes INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            cancelled INTEGER NOT NULL,
+            failovers INTEGER NOT NULL
+        )
+        """,
+        "CREATE INDEX request_log_time ON request_log (time)",
+    ),
+    # Version 4: API keys minted at runtime, as SHA-256 digests only (ollamamq.keys).
+    (
+        """
+        CREATE TABLE api_keys (
+            prefix TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX api_keys_user ON api_keys (user)",
+    ),
 ]
 """
 Step C{i} (0-based) brings a file from version C{i} to version C{i + 1}.

@@ -23,15 +23,18 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 from zope.interface import implementer
 
+from ollamamq.access import PUBLIC, AccessGate
 from ollamamq.aggregate import Aggregator
 from ollamamq.api import ProxyAPI
 from ollamamq.backends import Backend, BackendPool
+from ollamamq.channel import guardedChannel
 from ollamamq.config import (
     Config,
     ConfigError,
     backendsFromURLs,
     buildConfig,
     loadConfigFile,
+    logFormat,
 )
 from ollamamq.control.actions import ControlActions
 from ollamamq.control.amp import ReloadFailed
@@ -41,10 +44,15 @@ from ollamamq.control.server import ControlFactory, controlService
 from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
+from ollamamq.keys import MintedKeys, loadKeys
+from ollamamq.limits import RateLimiter
 from ollamamq.models import ModelCatalog
+from ollamamq.metrics import Metrics
 from ollamamq.relay import Relay
+from ollamamq.requestlog import RequestLog
 from ollamamq.scheduler import Scheduler
 from ollamamq.store import Store, StoreError, StoreService, loadState
+from ollamamq.tracking import Observer
 
 log = Logger()
 
@@ -95,6 +103,8 @@ class Options(usage.Options):
          _seconds],
         ["control", None, None, "AMP control socket path [default: ollamamq.sock]."],
         ["state", None, None, "SQLite state file [default: ollamamq.db]."],
+        ["log-format", None, None, "Log lines as text or json (one JSON object per line) "
+         "[default: text]."],
     ]
 
     def __init__(self) -> None:
@@ -130,6 +140,10 @@ class Options(usage.Options):
             ModelCatalog(self.config.models)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.config.logFormat == "json" and getattr(self, "parent", None) is not None:
+            # twistd starts its log observer after makeService, from its own options (a
+            # name it imports once every option is parsed).
+            self.parent["logger"] = "ollamamq.logs.jsonObserverFactory"
         for description in self.config.listen:
             try:
                 # Parsing only (no reactor: twistd installs the real one later).
@@ -178,6 +192,11 @@ class Options(usage.Options):
         ):
             if self[option] is not None:
                 fields[field] = self[option]
+        if self["log-format"] is not None:
+            try:
+                fields["logFormat"] = logFormat("--log-format", self["log-format"])
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         if self["allow-all-routes"]:
             fields["allowAllRoutes"] = True
         if self["demo"]:
@@ -219,12 +238,25 @@ class _AnnouncedEndpoint:
             address = port.getHost()
             host, number = getattr(address, "host", None), getattr(address, "port", None)
             if number is not None:
-                log.info("ollamamq listening on http://{host}:{port}/", host=host, port=number)
+                scheme = "https" if self._description.startswith("ssl:") else "http"
+                log.info("ollamamq listening on {scheme}://{host}:{port}/", scheme=scheme,
+                         host=host, port=number)
             else:
                 log.info("ollamamq listening on {description}", description=self._description)
             return port
 
         return d.addCallback(announce)
+
+
+class _Site(Site):
+    """
+    A site that leaves out twisted.web's access line for proxied requests, which have
+    the proxy's own (L{ollamamq.requestlog.logAccess}) instead: one line per request.
+    """
+
+    def log(self, request: Any) -> None:
+        if not getattr(request, "ollamamqLogged", False):
+            super().log(request)
 
 
 class _DrainService(service.Service):
@@ -357,13 +389,18 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     http = HTTPClient(agent)
 
     pool = BackendPool(
-        Backend(name=b.name, url=b.url, slots=b.slots or 1, slotsFromBackend=b.slots is None)
+        Backend(name=b.name, url=b.url, slots=b.slots or 1, slotsFromBackend=b.slots is None,
+                apiKey=b.apiKey)
         for b in config.backends
     )
     scheduler = Scheduler(pool, reactor, config)
     catalog = ModelCatalog(config.models)
+    metrics = Metrics(scheduler, pool, topUsers=config.metricsTopUsers)
+    requestLog = RequestLog(store.runInteraction, reactor,
+                            retentionDays=config.logRetentionDays)
     health = HealthChecker(pool, http, reactor, config.healthInterval, config.probeTimeout,
                            downAfter=config.downAfter)
+    health.onProbe = lambda backend, latency: metrics.probed(backend.name, latency)
     relay = Relay(agent, reactor, config.timeout, config.firstByteTimeout, freshAgent)
     forwarder = Forwarder(
         pool=pool,
@@ -374,16 +411,27 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         # A backend that failed a request is probed again at once: a restart is brief.
         recheck=health.probeSoon,
         downAfter=config.downAfter,
+        observer=Observer(reactor, metrics, requestLog),
     )
+    identity = IdentityResolver(config)
+    try:
+        # Before anything serves: a minted key works from the first request on.
+        loadKeys(config.state, identity)
+    except StoreError as e:
+        raise SystemExit(f"ollamamq: {e}") from None
     api = ProxyAPI(
         config=config,
         pool=pool,
         scheduler=scheduler,
         forwarder=forwarder,
-        identity=IdentityResolver(config),
+        identity=identity,
         catalog=catalog,
         aggregator=Aggregator(pool, http, reactor, catalog, config.probeTimeout,
                               retryAfter=config.healthInterval),
+        metrics=metrics,
+        runQuery=store.runInteraction,
+        requestLog=requestLog,
+        keys=MintedKeys(store, identity, reactor),
     )
 
     def reconfigure(new: Config) -> None:
@@ -401,6 +449,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         api.identity.reconfigure(new)
         relay.reconfigure(new)
         health.reconfigure(new)
+        requestLog.retentionDays = new.logRetentionDays
 
     hub = EventHub(reactor, lambda: actions.totals())
     actions = ControlActions(
@@ -419,11 +468,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         actions=actions,
         hub=hub,
         identify=lambda headers, peer: api.identity.identify(headers, peer).user,
+        isAdmin=lambda headers: api.identity.isAdmin(headers),
     )
     _ReloadOnSignal(reactor, actions.reload).setServiceParent(top)
-    controlService(reactor, config.control, ControlFactory(actions, hub)).setServiceParent(top)
+    controlService(reactor, config.control, ControlFactory(actions, hub, api.keys)).setServiceParent(top)
 
     _FileLimitService(config.maxQueuedTotal + SPARE_DESCRIPTORS).setServiceParent(top)
+    # Stopped before the store: the request log writes its last batch while stopping.
+    requestLog.setServiceParent(top)
     _DrainService(scheduler, httpPool, reactor, min(DRAIN_GRACE, config.timeout)).setServiceParent(top)
     health.service().setServiceParent(top)
     if config.demo:
@@ -434,8 +486,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             health.probe(backend)
 
         DemoBackends(reactor, demoReady).setServiceParent(top)
-    site = Site(api.resource(), reactor=reactor)
+    # Prometheus scrapers carry no key: with metrics_public, /metrics is public.
+    public = PUBLIC | ({b"/metrics"} if config.metricsPublic else frozenset())
+    site = _Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config), public),
+                 reactor=reactor)
     site.requestFactory = api.frontRules().requestFactory()
+    site.protocol = guardedChannel(reactor, config.clientTimeout, config.maxHeaderBytes)
     for description in config.listen:
         endpoint = _AnnouncedEndpoint(description, endpoints.serverFromString(reactor, description))
         listener = StreamServerEndpointService(endpoint, site)

@@ -746,10 +746,13 @@ class ManagementTests(SynchronousTestCase):
 
     def test_needsAdminKey(self) -> None:
         """
-        Without the admin key model management is forbidden.
+        Without the admin key model management is refused with 401, naming the key.
         """
         response, body = self.proxy.complete("POST", "/api/pull", {"model": "x"})
-        self.assertEqual(response.code, 403)
+        self.assertEqual(response.code, 401)
+        self.assertIn("admin key", json.loads(body)["error"])
+        self.assertEqual(response.headers.getRawHeaders("www-authenticate"),
+                         ['Bearer realm="ollamamq"'])
 
     def test_adminKeyForms(self) -> None:
         """
@@ -757,7 +760,7 @@ class ManagementTests(SynchronousTestCase):
         of the scheme; a wrong key is refused.
         """
         for headers, code in (({"X-Admin-Key": "k"}, 404), ({"Authorization": "bearer k"}, 404),
-                              ({"Authorization": "Bearer nope"}, 403)):
+                              ({"Authorization": "Bearer nope"}, 401)):
             response, body = self.proxy.complete("POST", "/api/copy", {"source": "x"},
                                                  dict(headers, **{"X-Backend": "zzz"}))
             self.assertEqual(response.code, code, headers)

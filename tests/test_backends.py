@@ -215,4 +215,8 @@ class SetSlotsTests(SynchronousTestCase):
         self.assertEqual(a.free, 0)
         for bad in (0, -1, 1.5, True):
             self.assertRaises(ValueError, pool.setSlots, "a", bad)
+        # Slots set so are fixed: no longer taken from what the backend reports.
+        a.slotsFromBackend = True
+        pool.setSlots("a", 2)
+        self.assertFalse(a.slotsFromBackend)
         self.assertRaises(UnknownBackend, pool.setSlots, "zz", 2)

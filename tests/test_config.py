@@ -172,6 +172,75 @@ class ParseTOMLTests(SynchronousTestCase):
             '[models.a]\naliases = ["x"]\n[models.b]\naliases = ["X"]\n', "already an alias"
         )
 
+    def test_securityKeys(self) -> None:
+        """
+        The authentication and abuse-limit keys are read: C{auth}, rate and running limits
+        (server-wide and per user), C{client_timeout}, C{max_header_bytes}, a backend's own
+        C{api_key}, and keys as C{sha256:} digests (normalised to lower case).
+        """
+        digest = "sha256:" + "AB" * 32
+        config = buildConfig(parseTOML(f"""
+[server]
+auth = "required"
+max_requests_per_minute = 60
+max_running_per_user = 2
+client_timeout = 5
+max_header_bytes = 4096
+
+[[backends]]
+url = "http://gpu1:8080"
+api_key = "llama-secret"
+
+[users.alice]
+keys = ["sk-alice", "{digest}"]
+max_requests_per_minute = 10
+max_running = 1
+"""), {}, {})
+        self.assertEqual(config.auth, "required")
+        self.assertEqual(config.maxRequestsPerMinute, 60)
+        self.assertEqual(config.maxRunningPerUser, 2)
+        self.assertEqual(config.clientTimeout, 5.0)
+        self.assertEqual(config.maxHeaderBytes, 4096)
+        self.assertEqual(config.backends[0].apiKey, "llama-secret")
+        self.assertNotIn("llama-secret", repr(config))
+        alice = config.users["alice"]
+        self.assertEqual(alice.keys, ("sk-alice", digest.lower()))
+        self.assertEqual((alice.maxRequestsPerMinute, alice.maxRunning), (10, 1))
+        self.assertNotIn("sk-alice", repr(config))
+        # With auth required, X-User-ID is trusted only when asked for explicitly.
+        self.assertFalse(config.trustUserHeader)
+        trusting = buildConfig(parseTOML('[server]\nauth = "required"\ntrust_user_header = true\n'),
+                               {}, {})
+        self.assertTrue(trusting.trustUserHeader)
+        defaults = buildConfig({}, {}, {})
+        self.assertEqual((defaults.auth, defaults.maxRequestsPerMinute,
+                          defaults.maxRunningPerUser), ("optional", None, None))
+
+    def test_badSecurityKeys(self) -> None:
+        """
+        Bad values of the security keys are named; C{max_tokens_per_day} is refused as not
+        enforced yet rather than silently ignored; a key in the clear and its digest given
+        to two users is a duplicate.
+        """
+        self.assertConfigError('[server]\nauth = "on"\n', "server.auth", "required")
+        self.assertConfigError("[server]\nmax_requests_per_minute = 0\n",
+                               "server.max_requests_per_minute")
+        self.assertConfigError("[server]\nclient_timeout = -1\n", "server.client_timeout")
+        self.assertConfigError("[server]\nmax_tokens_per_day = 1000\n",
+                               "server.max_tokens_per_day", "not enforced yet")
+        self.assertConfigError("[users.a]\nmax_tokens_per_day = 1000\n",
+                               "users.a.max_tokens_per_day", "not enforced yet")
+        self.assertConfigError('[users.a]\nkeys = ["sha256:abc"]\n', "users.a.keys[0]", "64 hex")
+        self.assertConfigError('[users.a]\nkeys = ["sk a"]\n', "users.a.keys[0]", "whitespace")
+        self.assertConfigError('[users.a]\nmax_running = 0\n', "users.a.max_running")
+        self.assertConfigError('[[backends]]\nurl = "http://x"\napi_key = ""\n',
+                               "backends[0].api_key")
+        import hashlib
+        digest = "sha256:" + hashlib.sha256(b"k").hexdigest()
+        self.assertConfigError(
+            f'[users.a]\nkeys = ["k"]\n[users.b]\nkeys = ["{digest}"]\n', "users.b.keys", "'a'"
+        )
+
     def test_enforceNeedsValue(self) -> None:
         """
         Enforcing an option that has no configured value is an error.

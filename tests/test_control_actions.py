@@ -224,18 +224,25 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.f.actions.config, self.f.nextConfig)
         self.assertEqual(self.f.events[-1], ("config.reloaded", {"changes": changes}))
 
-    def test_addedBackendWithoutSlots(self) -> None:
+    def test_reportedSlots(self) -> None:
         """
-        A backend added by a reload with no C{slots} configured runs one request until
-        it reports its own slot count (llama-server's C{/props}), as at start-up.
+        Backends whose new config sets no slots keep what they have and take what the
+        backend reports from then on (a new one starts at 1); setting slots again in the
+        config makes them fixed.
         """
+        self.f.pool.get("gpu1").slots = 4
+        unset = BackendConfig(url=GPU1.url, name="gpu1")
         gpu3 = BackendConfig(url="http://gpu3:11434", name="gpu3")
-        self.f.nextConfig = Config(backends=(GPU1, GPU2, gpu3),
+        self.f.nextConfig = Config(backends=(unset, gpu3),
                                    users={"alice": UserConfig(priority="boost")})
         self.f.actions.reload()
-        added = self.f.pool.get("gpu3")
-        self.assertEqual((added.slots, added.slotsFromBackend), (1, True))
-        self.assertEqual(added.free, 1)
+        gpu1, gpu3b = self.f.pool.get("gpu1"), self.f.pool.get("gpu3")
+        self.assertEqual((gpu1.slots, gpu1.slotsFromBackend), (4, True))
+        self.assertEqual((gpu3b.slots, gpu3b.slotsFromBackend), (1, True))
+        self.f.nextConfig = Config(backends=(BackendConfig(url=GPU1.url, name="gpu1", slots=2), gpu3),
+                                   users={"alice": UserConfig(priority="boost")})
+        self.f.actions.reload()
+        self.assertEqual((gpu1.slots, gpu1.slotsFromBackend), (2, False))
 
     def test_runtimeOverridesStay(self) -> None:
         """

@@ -11,12 +11,16 @@ from urllib.parse import urlsplit
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from ollamamq.access import AccessGate
+from ollamamq.channel import guardedChannel
+from ollamamq.config import UserConfig
 from ollamamq.errors import Forbidden, writeError
 from ollamamq.front import (
     FrontResource,
@@ -25,6 +29,7 @@ from ollamamq.front import (
     dialectsFor,
     familyFor,
 )
+from ollamamq.limits import RateLimiter
 from ollamamq.relay import targetURL
 
 
@@ -293,12 +298,47 @@ def _targets() -> Any:
     )
 
 
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+
+
+def _bodies() -> Any:
+    """
+    Request bodies as hostile clients send them: a valid chat, the chat with a field of
+    the wrong JSON type, deeply nested JSON, a truncated chat, and arbitrary bytes.
+    """
+    from tests.test_api import CHAT
+
+    chat = json.dumps(CHAT).encode()
+    wrongTypes = st.tuples(st.sampled_from(["model", "stream", "options", "messages",
+                                            "keep_alive", "format"]), _JSON).map(
+        lambda kv: json.dumps(dict(CHAT, **{kv[0]: kv[1]})).encode())
+    nested = st.integers(1, 100_000).map(lambda n: b"[" * n + b"]" * (n % 7))
+    truncated = st.integers(0, len(chat) - 1).map(lambda n: chat[:n])
+    return st.one_of(st.just(chat), wrongTypes, nested, truncated, st.binary(max_size=64))
+
+
+# Header names the fuzzer favours: the ones with rules of their own.
+_HEADER_NAMES = st.one_of(
+    st.sampled_from([b"Authorization", b"x-api-key", b"X-User-ID", b"X-Admin-Key",
+                     b"X-Forwarded-For", b"X-Backend", b"Expect", b"Connection"]),
+    _TOKEN,
+)
+
+
 class FrontPropertyTests(SynchronousTestCase):
     """
-    Arbitrary request targets, methods and header bytes thrown at the whole proxy in
-    memory (its real HTTP channel, front, route table, scheduler and forwarder, simulated
-    backends): never a 500, never a backend URL outside the backend's base, never a
-    backend marked down.
+    Arbitrary request targets, methods, header bytes (invalid UTF-8, repeated credential
+    headers, keys and proxies' headers), bodies and declared lengths thrown at the whole
+    proxy in memory, as the daemon serves it (its guarded HTTP channel, access gate, front,
+    route table, scheduler and forwarder, simulated backends), while another user sends a
+    well-formed request alongside: the hostile request always gets a well-formed HTTP
+    answer, never a 500 or a traceback, never a backend URL outside the backend's base,
+    never a backend marked down; the other user's request succeeds.
     """
 
     @settings(max_examples=200, deadline=None, derandomize=True,
@@ -307,31 +347,55 @@ class FrontPropertyTests(SynchronousTestCase):
         method=st.one_of(st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE",
                                           b"OPTIONS", b"PATCH"]), _TOKEN),
         target=_targets(),
-        headers=st.lists(st.tuples(_TOKEN, st.binary(max_size=30).map(
-            lambda b: b.replace(b"\r", b"").replace(b"\n", b""))), max_size=4),
+        headers=st.lists(st.tuples(_HEADER_NAMES, st.binary(max_size=30).map(
+            lambda b: b.replace(b"\r", b"").replace(b"\n", b""))), max_size=5),
+        body=_bodies(),
+        lengthDelta=st.sampled_from([0, 0, 0, -3, 5]),
     )
     def test_anyRequest(self, method: bytes, target: bytes,
-                        headers: list[tuple[bytes, bytes]]) -> None:
+                        headers: list[tuple[bytes, bytes]], body: bytes,
+                        lengthDelta: int) -> None:
         """
         See the class docstring.
         """
         from tests.test_api import CHAT, Proxy, sim
 
-        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")})
+        proxy = Proxy(self, {"a": sim(name="a"), "b": sim(name="b")}, clientTimeout=2.0,
+                      adminKey="admin-secret", maxRequestsPerMinute=600,
+                      users={"alice": UserConfig(keys=("sk-alice",)),
+                             "bystander": UserConfig(keys=("sk-bystander",))})
         recording = _Recording(proxy.relayAgent)
         proxy.relay.agent = proxy.relay.freshAgent = recording
-        site = Site(proxy.api.resource(), reactor=MemoryReactorClock())
+        # As tap.makeService builds it, timers on the proxy's clock.
+        site = Site(AccessGate(proxy.api.resource(), proxy.api.identity,
+                               RateLimiter(proxy.clock, proxy.config)),
+                    reactor=MemoryReactorClock())
         site.requestFactory = proxy.api.frontRules().requestFactory()
-        channel = site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        body = json.dumps(CHAT).encode()
+        site.protocol = guardedChannel(proxy.clock, proxy.config.clientTimeout,
+                                       proxy.config.maxHeaderBytes)
+
+        def connect() -> tuple[Any, StringTransport]:
+            peer = IPv4Address("TCP", "10.0.0.9", 4000)
+            channel = site.buildProtocol(peer)
+            transport = StringTransport(peerAddress=peer)
+            channel.makeConnection(transport)
+            return channel, transport
+
+        channel, transport = connect()
+        other, otherTransport = connect()
         lines = [method + b" " + target + b" HTTP/1.1", b"Host: proxy"]
         lines += [name + b": " + value for name, value in headers
                   if name.lower() not in (b"content-length", b"transfer-encoding", b"host")]
-        lines.append(b"Content-Length: %d" % len(body))
+        lines.append(b"Content-Length: %d" % max(0, len(body) + lengthDelta))
         channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        chat = json.dumps(CHAT).encode()
+        other.dataReceived(
+            b"POST /api/chat HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer sk-bystander"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(chat) + chat)
         proxy.advance(5, steps=50)
+        otherAnswer = otherTransport.value()
+        self.assertTrue(otherAnswer.startswith(b"HTTP/1.1 200 "), otherAnswer[:300])
+        self.assertIn(b'"done": true', otherAnswer.replace(b'"done":true', b'"done": true'))
         answer = transport.value()
         self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer[:80])
         status = int(answer.split(b" ", 2)[1])
@@ -344,3 +408,4 @@ class FrontPropertyTests(SynchronousTestCase):
         self.assertEqual([b.state for b in proxy.pool.backends], ["online", "online"])
         self.assertEqual(self.flushLoggedErrors(), [])
         channel.connectionLost(None)
+        other.connectionLost(None)

@@ -6,12 +6,14 @@ precedence.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from ollamamq.config import Config, UserConfig
+from ollamamq.errors import Unauthorized
 from ollamamq.identity import HEADER, IP, KEY, Identity, IdentityResolver
 
 
@@ -50,7 +52,7 @@ class KeyTests(SynchronousTestCase):
         """
         self.assertEqual(
             resolver().identify(headers(authorization="Bearer sk-bob-2"), "10.0.0.1"),
-            Identity("bob", KEY),
+            Identity("bob", KEY, True),
         )
 
     def test_bearerSchemeCaseAndSpaces(self) -> None:
@@ -59,7 +61,7 @@ class KeyTests(SynchronousTestCase):
         """
         self.assertEqual(
             resolver().identify(headers(authorization="  bearer   sk-alice "), "10.0.0.1"),
-            Identity("alice", KEY),
+            Identity("alice", KEY, True),
         )
 
     def test_xApiKey(self) -> None:
@@ -68,7 +70,7 @@ class KeyTests(SynchronousTestCase):
         """
         self.assertEqual(
             resolver().identify(headers(x_api_key="sk-alice"), "10.0.0.1"),
-            Identity("alice", KEY),
+            Identity("alice", KEY, True),
         )
 
     def test_foreignBearerFallsThrough(self) -> None:
@@ -85,7 +87,7 @@ class KeyTests(SynchronousTestCase):
             r.identify(
                 headers(authorization="Bearer sk-openai-xyz", x_api_key="sk-bob-1"), "10.0.0.1"
             ),
-            Identity("bob", KEY),
+            Identity("bob", KEY, True),
         )
 
     def test_otherSchemeIgnored(self) -> None:
@@ -114,7 +116,7 @@ class KeyTests(SynchronousTestCase):
             resolver().identify(
                 headers(authorization="Bearer sk-alice", x_user_id="mallory"), "10.0.0.1"
             ),
-            Identity("alice", KEY),
+            Identity("alice", KEY, True),
         )
 
 
@@ -268,7 +270,7 @@ class AddressTests(SynchronousTestCase):
             resolver().identify(
                 headers(x_user_id="dave", x_forwarded_for="203.0.113.5"), "127.0.0.1"
             ),
-            Identity("dave", HEADER),
+            Identity("dave", HEADER, True),
         )
 
     def test_nonIPPeer(self) -> None:
@@ -307,6 +309,161 @@ class CredentialTests(SynchronousTestCase):
         self.assertFalse(r.isProxyCredential("anything"))
 
 
+def sha256(key: str) -> str:
+    """
+    The C{sha256:HEX} form of C{key}, as the config file takes it.
+    """
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyFormTests(SynchronousTestCase):
+    """
+    Keys given as digests, bare C{Authorization} values, and keys added at runtime.
+    """
+
+    def test_digestKey(self) -> None:
+        """
+        A key configured as C{sha256:HEX} (any case) authenticates whoever presents the
+        key itself; presenting the digest string does not.
+        """
+        users = {"erin": UserConfig(keys=(sha256("sk-erin").upper().replace("SHA256", "sha256"),))}
+        r = IdentityResolver(Config(users=users))
+        self.assertEqual(
+            r.identify(headers(authorization="Bearer sk-erin"), "10.0.0.1"),
+            Identity("erin", KEY, True),
+        )
+        self.assertEqual(
+            r.identify(headers(authorization="Bearer " + sha256("sk-erin")), "10.0.0.1"),
+            Identity("ip:10.0.0.1", IP),
+        )
+        self.assertTrue(r.isProxyCredential("sk-erin"))
+
+    def test_bareAuthorization(self) -> None:
+        """
+        An C{Authorization} value that is a single token (no scheme) is taken as the key,
+        as some Ollama-style clients send it.
+        """
+        self.assertEqual(
+            resolver().identify(headers(authorization="sk-alice"), "10.0.0.1"),
+            Identity("alice", KEY, True),
+        )
+
+    def test_addAndRemove(self) -> None:
+        """
+        A key added at runtime works at once, removed it stops at once; while a user has a
+        key, C{X-User-ID} cannot name them.
+        """
+        r = resolver()
+        digest = hashlib.sha256(b"sk-dave-new").digest()
+        r.addKey("dave", digest)
+        self.assertEqual(
+            r.identify(headers(x_api_key="sk-dave-new"), "10.0.0.1"), Identity("dave", KEY, True)
+        )
+        self.assertEqual(r.identify(headers(x_user_id="dave"), "10.0.0.1"),
+                         Identity("ip:10.0.0.1", IP))
+        r.removeKey(digest)
+        self.assertEqual(
+            r.identify(headers(x_api_key="sk-dave-new"), "10.0.0.1"), Identity("ip:10.0.0.1", IP)
+        )
+        self.assertFalse(r.hasKeys("dave"))
+        self.assertEqual(r.identify(headers(x_user_id="dave"), "10.0.0.1"),
+                         Identity("dave", HEADER))
+        # Removing an unknown digest is harmless; alice keeps her configured key.
+        r.removeKey(digest)
+        self.assertTrue(r.hasKeys("alice"))
+
+
+class RequiredTests(SynchronousTestCase):
+    """
+    C{auth = "required"}: L{IdentityResolver.authenticate}.
+    """
+
+    def test_validKey(self) -> None:
+        """
+        A valid key passes.
+        """
+        r = resolver(auth="required")
+        self.assertTrue(r.required)
+        self.assertEqual(
+            r.authenticate(headers(authorization="Bearer sk-alice"), "10.0.0.1"),
+            Identity("alice", KEY, True),
+        )
+
+    def test_missingKey(self) -> None:
+        """
+        No key at all: 401 C{missing_api_key}, naming how to send one.
+        """
+        e = self.assertRaises(Unauthorized, resolver(auth="required").authenticate,
+                              Headers(), "10.0.0.1")
+        self.assertEqual((e.status, e.code), (401, "missing_api_key"))
+        self.assertIn("Authorization: Bearer", e.message)
+
+    def test_wrongKey(self) -> None:
+        """
+        An unknown key, the admin key, or a key under another scheme: 401
+        C{invalid_api_key} (or C{missing_api_key} when nothing looks like a key).
+        """
+        r = resolver(auth="required")
+        for h in [headers(authorization="Bearer sk-nope"), headers(x_api_key="sk-nope"),
+                  headers(authorization="Bearer admin-secret")]:
+            e = self.assertRaises(Unauthorized, r.authenticate, h, "10.0.0.1")
+            self.assertEqual(e.code, "invalid_api_key")
+        e = self.assertRaises(Unauthorized, r.authenticate,
+                              headers(authorization="Basic c2stYWxpY2U="), "10.0.0.1")
+        self.assertEqual(e.code, "missing_api_key")
+
+    def test_headerNeedsTrustedProxy(self) -> None:
+        """
+        With auth required, C{X-User-ID} from an ordinary peer is no identity (401), while
+        from a trusted proxy it names the authenticated end user behind it.
+        """
+        r = resolver(auth="required")
+        self.assertRaises(Unauthorized, r.authenticate, headers(x_user_id="dave"), "10.0.0.1")
+        self.assertEqual(
+            r.authenticate(headers(x_user_id="dave"), "127.0.0.1"), Identity("dave", HEADER, True)
+        )
+        # Never for a user who has keys, even from the proxy.
+        self.assertRaises(Unauthorized, r.authenticate, headers(x_user_id="alice"), "127.0.0.1")
+
+    def test_optional(self) -> None:
+        """
+        With auth optional (the default) every request has an identity.
+        """
+        r = resolver()
+        self.assertFalse(r.required)
+        self.assertEqual(r.authenticate(Headers(), "10.0.0.1"), Identity("ip:10.0.0.1", IP))
+        self.assertEqual(r.authenticate(headers(x_user_id="dave"), "10.0.0.1"),
+                         Identity("dave", HEADER))
+
+
+class AdminTests(SynchronousTestCase):
+    """
+    L{IdentityResolver.isAdmin}.
+    """
+
+    def test_admin(self) -> None:
+        """
+        The admin key as C{Authorization: Bearer} or C{X-Admin-Key}, in any of several
+        values, is the admin; a user key, a wrong key, a bare C{Authorization} value or
+        nothing is not.
+        """
+        r = resolver()
+        for h in [headers(authorization="Bearer admin-secret"),
+                  headers(x_admin_key=" admin-secret "),
+                  headers(x_admin_key=["nope", "admin-secret"])]:
+            self.assertTrue(r.isAdmin(h), h)
+        for h in [Headers(), headers(authorization="Bearer sk-alice"),
+                  headers(authorization="admin-secret"),
+                  headers(x_admin_key="admin-secret2"), headers(authorization="Basic admin-secret")]:
+            self.assertFalse(r.isAdmin(h), h)
+
+    def test_noAdminKey(self) -> None:
+        """
+        Without an admin key configured nobody is the admin.
+        """
+        self.assertFalse(IdentityResolver(Config()).isAdmin(headers(x_admin_key="")))
+
+
 class ReconfigureTests(SynchronousTestCase):
     """
     L{IdentityResolver.reconfigure}: a reloaded config's keys and trust settings.
@@ -320,9 +477,23 @@ class ReconfigureTests(SynchronousTestCase):
         resolver.reconfigure(Config(users={"carol": UserConfig(keys=("sk-new",))}))
         self.assertEqual(
             resolver.identify(headers(authorization="Bearer sk-new"), "10.0.0.1"),
-            Identity("carol", KEY),
+            Identity("carol", KEY, True),
         )
         self.assertNotEqual(
             resolver.identify(headers(authorization="Bearer sk-old"), "10.0.0.1").user,
             "alice",
         )
+
+    def test_runtimeKeysKept(self) -> None:
+        """
+        Keys minted at runtime survive a reload (they live in the state file, not the
+        config); a config key dropped by the reload stops working.
+        """
+        resolver = IdentityResolver(Config(users={"alice": UserConfig(keys=("sk-old",))}))
+        minted = hashlib.sha256(b"omq-minted").digest()
+        resolver.addKey("dave", minted)
+        resolver.reconfigure(Config(auth="required"))
+        self.assertEqual(resolver.authenticate(headers(x_api_key="omq-minted"), "10.0.0.1"),
+                         Identity("dave", KEY, True))
+        self.assertRaises(Unauthorized, resolver.authenticate,
+                          headers(x_api_key="sk-old"), "10.0.0.1")

@@ -1867,6 +1867,125 @@ class TimedPropertyTests(SynchronousTestCase):
                 )
 
 
+class MaxRunningTests(SynchronousTestCase):
+    """
+    C{max_running}: a user's extra requests wait in the queue while the user holds that
+    many leases; they are never refused for it.
+    """
+
+    def setUp(self) -> None:
+        """
+        One backend with four slots; alice may run one request at once.
+        """
+        self.h = Harness(users={"alice": UserConfig(maxRunning=1)})
+        self.backend = onlineBackend(self.h.pool, "b1", slots=4)
+
+    def test_extraRequestsWait(self) -> None:
+        """
+        Three requests from alice: one runs, two wait (though slots are free) and run one
+        at a time as her leases end, in order.
+        """
+        for i in range(3):
+            self.h.submit(f"a{i}", job("alice"))
+        self.assertEqual(self.h.labels(), ["a0"])
+        self.assertEqual(self.h.scheduler.queued, 2)
+        self.assertEqual(self.h.failures, {})
+        self.h.releaseNext()
+        self.assertEqual(self.h.labels(), ["a0", "a1"])
+        self.h.releaseNext()
+        self.assertEqual(self.h.labels(), ["a0", "a1", "a2"])
+        self.assertEqual(self.h.scheduler.queued, 0)
+
+    def test_othersUseTheFreeSlots(self) -> None:
+        """
+        While alice is at her limit, other users get the free slots; when her lease ends
+        she is next (she has had the least service), ahead of bob's backlog.
+        """
+        self.h.submit("a0", job("alice"))
+        self.h.submit("a1", job("alice"))
+        for i in range(5):
+            self.h.submit(f"b{i}", job("bob"))
+        self.assertEqual(self.h.labels(), ["a0", "b0", "b1", "b2"])
+        self.h.releaseNext()
+        self.assertEqual(self.h.labels()[-1], "a1")
+
+    def test_serverDefault(self) -> None:
+        """
+        C{max_running_per_user} limits every user without a value of their own; a
+        configured value overrides it.
+        """
+        h = Harness(maxRunningPerUser=2, users={"vip": UserConfig(maxRunning=3)})
+        onlineBackend(h.pool, "b1", slots=8)
+        for i in range(4):
+            h.submit(f"x{i}", job("ip:10.0.0.1"))
+            h.submit(f"v{i}", job("vip"))
+        h.scheduler.setPolicy("carol", weight=2)
+        for i in range(3):
+            h.submit(f"c{i}", job("carol"))
+        self.assertEqual(sorted(h.labels()), ["c0", "c1", "v0", "v1", "v2", "x0", "x1"])
+
+    def test_cancelWhileParked(self) -> None:
+        """
+        A waiting request of a capped user can be cancelled; it never runs.
+        """
+        self.h.submit("a0", job("alice"))
+        d = self.h.submit("a1", job("alice"))
+        self.h.submit("a2", job("alice"))
+        d.cancel()
+        self.assertTrue(self.h.failures["a1"].check(CancelledError))
+        self.h.releaseNext()
+        self.assertEqual(self.h.labels(), ["a0", "a2"])
+        self.assertEqual(self.h.scheduler.queued, 0)
+
+    def test_parkedFailWithPoolAndStop(self) -> None:
+        """
+        Parked requests fail like any queued one when nothing serves them any more, and
+        when the scheduler stops.
+        """
+        self.h.submit("a0", job("alice"))
+        self.h.submit("a1", job("alice"))
+        self.h.pool.markOffline(self.backend, "gone")
+        self.assertTrue(self.h.failures["a1"].check(Unavailable))
+        self.assertEqual(self.h.scheduler.queued, 0)
+        self.h.pool.markOnline(self.backend, OLLAMA, ["m"])
+        self.h.submit("a2", job("alice"))
+        self.h.scheduler.stop()
+        self.assertIn("shutting down", str(self.h.failures["a2"].value))
+
+    def test_retryKeepsPlace(self) -> None:
+        """
+        A retried request (its backend failed before answering) ends its lease, so it is
+        not held back by the user's own limit.
+        """
+        other = onlineBackend(self.h.pool, "b2", slots=1)
+        self.h.submit("a0", job("alice"))
+        self.h.submit("a1", job("alice"))
+        lease = self.h.grants[0][1]
+        retried: list[Lease] = []
+        lease.retry().addCallback(retried.append)
+        self.assertEqual(len(retried), 1)
+        self.assertNotEqual(retried[0].backend, lease.backend)
+        self.assertIn(retried[0].backend, (other, self.backend))
+        self.assertEqual(self.h.labels(), ["a0"])
+
+    def test_reconfigure(self) -> None:
+        """
+        A reloaded config changes C{max_running} from now on: a raised limit lets the
+        waiting requests run at once.
+        """
+        self.h.submit("a0", job("alice"))
+        self.h.submit("a1", job("alice"))
+        self.assertEqual(self.h.labels(), ["a0"])
+        self.h.scheduler.reconfigure(Config(users={"alice": UserConfig(maxRunning=2)}))
+        self.assertEqual(self.h.labels(), ["a0", "a1"])
+        self.h.scheduler.reconfigure(Config(maxRunningPerUser=1))
+        self.h.submit("a2", job("alice"))
+        self.h.releaseNext()
+        self.assertEqual(self.h.labels(), ["a0", "a1"])
+        self.h.releaseNext()
+        self.assertEqual(self.h.labels(), ["a0", "a1", "a2"])
+
+
 class GraceTests(SynchronousTestCase):
     """
     Requests whose only backends are unavailable wait for them for C{down_grace} seconds

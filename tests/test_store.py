@@ -70,7 +70,8 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(state.backends, {})
         connection = sqlite3.connect(self.path)
         self.addCleanup(connection.close)
-        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0],
+                         store.SCHEMA_VERSION)
         connection.execute("SELECT name, url, draining FROM backend_overrides").fetchall()
 
     def test_failedMigrationLeavesFileAlone(self) -> None:

@@ -635,7 +635,6 @@ class ControlActions:
                 continue
             backend = present.get(configured.name)
             if backend is None:
-                # No slots configured: 1 until the backend reports its own (health.py).
                 backend = self.pool.add(
                     Backend(name=configured.name, url=configured.url,
                             slots=configured.slots or 1,
@@ -651,8 +650,10 @@ class ControlActions:
                 backend.url = configured.url
                 self.probe(backend)
             if override is None or override.slots is None:
-                backend.slotsFromBackend = configured.slots is None
-                if configured.slots is not None and backend.slots != configured.slots:
+                if configured.slots is None:
+                    # No slots configured: what the backend reports (health.readFacts).
+                    backend.slotsFromBackend = True
+                elif backend.slots != configured.slots or backend.slotsFromBackend:
                     self.pool.setSlots(backend.name, configured.slots)
             if override is not None:
                 self._applyBackend(override)

@@ -142,6 +142,14 @@ class ReloadFailed(ControlError):
     code = b"RELOAD_FAILED"
 
 
+class UnknownKey(ControlError):
+    """
+    The user has no minted key with that prefix.
+    """
+
+    code = b"UNKNOWN_KEY"
+
+
 class InternalError(ControlError):
     """
     The daemon failed to carry out the command (a bug); it logged the details. The
@@ -161,6 +169,7 @@ ERRORS: dict[type[Exception], bytes] = {
         UnknownAddress,
         InvalidValue,
         ReloadFailed,
+        UnknownKey,
         InternalError,
     )
 }
@@ -439,6 +448,43 @@ class CancelRequest(amp.Command):
 
     arguments = [(b"id", amp.Unicode())]
     response = [(b"id", amp.Unicode())]
+    errors = ERRORS
+
+
+class MintKey(amp.Command):
+    """
+    Mint an API key for C{user}: the answer is the only time the key is shown; the state
+    file keeps its digest only. It authenticates as C{user} from the answer on.
+
+    Errors: L{InvalidValue} (a user id a key cannot name, or no state store).
+    """
+
+    arguments = [(b"user", amp.Unicode())]
+    response = [(b"user", amp.Unicode()), (b"prefix", amp.Unicode()), (b"key", amp.Unicode())]
+    errors = ERRORS
+
+
+class ListKeys(amp.Command):
+    """
+    C{user}'s minted keys: prefixes and creation times (never the keys), oldest first.
+
+    Errors: L{InvalidValue}.
+    """
+
+    arguments = [(b"user", amp.Unicode())]
+    response = [(b"keys", amp.AmpList([(b"prefix", amp.Unicode()), (b"created", amp.Float())]))]
+    errors = ERRORS
+
+
+class RevokeKey(amp.Command):
+    """
+    Revoke C{user}'s minted key named C{prefix}: refused from the answer on.
+
+    Errors: L{UnknownKey}, L{InvalidValue}.
+    """
+
+    arguments = [(b"user", amp.Unicode()), (b"prefix", amp.Unicode())]
+    response = [(b"user", amp.Unicode()), (b"prefix", amp.Unicode())]
     errors = ERRORS
 
 

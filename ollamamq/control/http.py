@@ -20,7 +20,6 @@ the offending field of a 400.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 from typing import Any
@@ -46,6 +45,7 @@ from ollamamq.control.amp import (
     UnknownUser,
 )
 from ollamamq.control.events import EventHub
+from ollamamq.identity import IdentityResolver
 from ollamamq.errors import (
     BadRequest,
     Forbidden,
@@ -179,11 +179,15 @@ class AdminAPI:
 
     @ivar config: supplies the admin key; read at each request, so a reload applies.
     @ivar identify: C{(headers, peerHost) -> user}, for C{/proxy/queue/me}.
+    @ivar isAdmin: C{headers -> bool}, whether a request carries the admin key: the
+        daemon's one admin-key check (L{ollamamq.identity.IdentityResolver.isAdmin}, kept
+        current across reloads); by default one made from the actions' config.
     """
 
     actions: ControlActions
     hub: EventHub
     identify: Any = None
+    isAdmin: Any = None
 
     app = Klein()
 
@@ -259,17 +263,11 @@ class AdminAPI:
                 )
             return
         headers = request.requestHeaders
-        presented = [v.strip() for v in headers.getRawHeaders(b"x-admin-key", [])]
-        for value in headers.getRawHeaders(b"authorization", []):
-            scheme, _, credential = value.partition(b" ")
-            if scheme.lower() == b"bearer":
-                presented.append(credential.strip())
-        expected = key.encode("utf-8")
-        # Compare with every candidate, in constant time each: no early exit on a match.
-        ok = False
-        for candidate in presented:
-            ok |= hmac.compare_digest(candidate, expected)
-        if not ok:
+        presented = headers.hasHeader(b"x-admin-key") or headers.hasHeader(b"authorization")
+        isAdmin = self.isAdmin
+        if isAdmin is None:
+            isAdmin = IdentityResolver(self.actions.config).isAdmin
+        if not isAdmin(headers):
             raise Unauthorized(
                 "this route needs the admin key (Authorization: Bearer or X-Admin-Key)"
                 if not presented else "wrong admin key",

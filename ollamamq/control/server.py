@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError, ConnectionClosed
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -31,6 +31,7 @@ from ollamamq.control import amp as commands
 from ollamamq.control.actions import ControlActions, checkedNames
 from ollamamq.control.amp import PAGE_LIMIT, PROTOCOL_VERSION, InternalError, InvalidValue
 from ollamamq.control.events import EventHub
+from ollamamq.keys import UnknownKey, canHoldKeys
 
 log = Logger()
 
@@ -104,10 +105,15 @@ class ControlProtocol(amp.AMP):
     One control connection: the responders, and this connection's event subscription.
     """
 
-    def __init__(self, actions: ControlActions, hub: EventHub) -> None:
+    def __init__(self, actions: ControlActions, hub: EventHub, keys: Any = None) -> None:
+        """
+        @param keys: the runtime-minted keys (L{ollamamq.keys.MintedKeys}), or L{None}
+            without a state store.
+        """
         super().__init__()
         self._actions = actions
         self._hub = hub
+        self._keys = keys
         self._names: list[str] | None = None
         self._subscribed = False
         self._inFlight = 0
@@ -286,6 +292,45 @@ class ControlProtocol(amp.AMP):
     def cancelRequest(self, id: str) -> dict:
         return {"id": self._actions.cancelRequest(id)}
 
+    def _keysFor(self, user: str) -> Any:
+        """
+        The minted-keys manager for a user id a key can name.
+        """
+        if not canHoldKeys(user):
+            raise commands.InvalidValue(f"user: not a user id a key can name: {user!r}")
+        if self._keys is None:
+            raise commands.InvalidValue("keys: no state store to keep minted keys in")
+        return self._keys
+
+    @commands.MintKey.responder
+    def mintKey(self, user: str) -> Deferred[dict]:
+        keys = self._keysFor(user)
+
+        async def mint() -> dict:
+            minted = await keys.mint(user)
+            return {"user": user, "prefix": minted.prefix, "key": minted.key}
+
+        return ensureDeferred(mint())
+
+    @commands.ListKeys.responder
+    def listKeys(self, user: str) -> Deferred[dict]:
+        d = self._keysFor(user).list(user)
+        return d.addCallback(lambda found: {
+            "keys": [{"prefix": k.prefix, "created": k.created} for k in found]})
+
+    @commands.RevokeKey.responder
+    def revokeKey(self, user: str, prefix: str) -> Deferred[dict]:
+        keys = self._keysFor(user)
+
+        async def revoke() -> dict:
+            try:
+                await keys.revoke(user, prefix)
+            except UnknownKey:
+                raise commands.UnknownKey(f"user {user!r} has no key {prefix!r}") from None
+            return {"user": user, "prefix": prefix}
+
+        return ensureDeferred(revoke())
+
     @commands.Reload.responder
     def reload(self) -> dict:
         return {"changes": self._actions.reload()}
@@ -362,12 +407,13 @@ class ControlFactory(Factory):
 
     noisy = False
 
-    def __init__(self, actions: ControlActions, hub: EventHub) -> None:
+    def __init__(self, actions: ControlActions, hub: EventHub, keys: Any = None) -> None:
         self.actions = actions
         self.hub = hub
+        self.keys = keys
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        protocol = ControlProtocol(self.actions, self.hub)
+        protocol = ControlProtocol(self.actions, self.hub, self.keys)
         protocol.factory = self
         return protocol
 

@@ -20,6 +20,7 @@ its dialect (L{ollamamq.front.dialectsFor}; the probes record what each backend 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import ResponseFailed
@@ -128,19 +129,23 @@ class Translator:
         request.setHeader(b"content-type", JSON_TYPE)
         return json.dumps(translation.local).encode("utf-8")
 
-    async def respond(self, request: IRequest, response: IResponse, translation: Translation) -> None:
+    async def respond(self, request: IRequest, response: IResponse, translation: Translation,
+                      account: Any = None, headers: dict[bytes, bytes] | None = None) -> None:
         """
         Relay C{response} to C{request}, translated: streamed as it arrives when the
         client asked for a stream and the backend streams, else collected and answered
         whole (errors too, reshaped for the client).
 
+        @param account: the L{ollamamq.usage.StreamAccount} the translated body goes
+            through (it reads the client's dialect).
+        @param headers: the proxy's own response headers, set over the backend's.
         @raise BadGateway: the backend failed before its whole answer arrived.
         """
         contentType = b";".join(response.headers.getRawHeaders(b"content-type", [])).lower()
         if translation.stream and 200 <= response.code < 300 and EVENT_STREAM in contentType \
                 and translation.streamed is not None:
             await self.relay.stream(request, TranslatedResponse(response, translation.streamed()),
-                                    translation.family)
+                                    translation.family, account, headers)
             return
         assert translation.whole is not None
         try:
@@ -154,11 +159,15 @@ class Translator:
                              code="backend_failed") from None
         else:
             code, kind, data = translation.whole().translate(response.code, body)
+        if account is not None:
+            account.started(EVENT_STREAM in kind, True)
+            data = account.feed(data) + account.finish()
         request.setResponseCode(code)
         for name, values in forwardedHeaders(response.headers).getAllRawHeaders():
             if name.lower() not in _REPLACED:
                 request.responseHeaders.setRawHeaders(name, values)
+        for name, value in (headers or {}).items():
+            request.responseHeaders.setRawHeaders(name, [value])
         request.setHeader(b"content-type", kind)
         request.setHeader(b"content-length", b"%d" % len(data))
         request.write(data)
-
