@@ -375,3 +375,29 @@ class RelayedStreamTests(SynchronousTestCase):
             written = channel.transport.value()
             self.assertIn(expected, written)
             self.assertIn(b"backend failed mid-stream", written)
+
+
+class TrackedTests(SynchronousTestCase):
+    """
+    Translated requests are observed like any other: the proxy's headers, and the
+    backend's token counts read from the translated answer.
+    """
+
+    def test_accounted(self) -> None:
+        """
+        Streamed and whole translated answers (Ollama and Anthropic) carry the request
+        id and backend headers and are recorded with the simulator's own token counts.
+        """
+        from tests.test_tracking import simCounts, trackedProxy
+
+        proxy = trackedProxy(self, {"gpu1": sim(name="gpu1", api="openai", tokens=7)})
+        for path, body in (("/api/chat", CHAT), ("/api/chat", dict(CHAT, stream=False)),
+                           ("/v1/messages", MESSAGES), ("/v1/messages", dict(MESSAGES, stream=True))):
+            response, _ = proxy.complete("POST", path, body)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders(b"x-ollamamq-backend"), [b"gpu1"])
+            self.assertTrue(response.headers.getRawHeaders(b"x-ollamamq-request-id"))
+        self.assertEqual([(r.promptTokens, r.completionTokens) for r in proxy.observer.records],
+                         simCounts(proxy))
+        self.assertEqual([r.route for r in proxy.observer.records],
+                         ["/api/chat", "/api/chat", "/v1/messages", "/v1/messages"])
