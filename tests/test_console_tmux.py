@@ -348,6 +348,14 @@ class ConsoleInTerminalAloneTests(_TerminalTestCase):
         setpriv = shutil.which("setpriv")
         if os.geteuid() != 0 or setpriv is None:
             raise self.skipTest("needs root and setpriv to run the console as another user")
+        probe = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", "import urwid, ollamamq.console.app"],
+            capture_output=True, text=True, timeout=60,
+            env={"PYTHONPATH": PROJECT_ROOT, "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        if probe.returncode != 0:
+            raise self.skipTest("user nobody cannot read this virtualenv or checkout: "
+                                + (probe.stderr.strip().splitlines() or ["?"])[-1])
         control = self.socketPath()
         # Others may enter the directory; the socket itself is the daemon's alone.
         os.chmod(os.path.dirname(control), 0o755)
