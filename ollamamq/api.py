@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from ollamamq.aggregate import Aggregator
 from ollamamq.backends import OLLAMA as OLLAMA_BACKEND
-from ollamamq.backends import OLLAMA_API, Backend, BackendPool, UnknownBackend
+from ollamamq.backends import OLLAMA_API, OPENAI_API, Backend, BackendPool, UnknownBackend
 from ollamamq.config import Config
 from ollamamq.errors import (
     BadRequest,
@@ -55,6 +55,7 @@ from ollamamq.scheduler import Job, Scheduler
 from ollamamq.web.page import statusPage
 
 OLLAMA_ONLY = frozenset({OLLAMA_API})
+OPENAI_ONLY = frozenset({OPENAI_API})
 
 log = Logger()
 
@@ -426,7 +427,17 @@ class ProxyAPI:
         """
         A generation or embedding: wait for a fair turn and a slot, then stream.
         """
-        job, outgoing = self._prepare(request, self._readBody(request), requireModel=True)
+        raw = self._readBody(request)
+        job, outgoing = self._prepare(request, raw, requireModel=True)
+        translator = self.forwarder.translator
+        if job.kinds != dialectsFor(request.path):
+            # It may be translated: refuse what cannot be before it waits in a queue, and
+            # answer what needs no backend (loading a model) at once.
+            translation = translator.translate(request.path, json.loads(raw),
+                                               outgoing.requested or "")
+            if translation.local is not None:
+                request.write(translator.answerLocally(request, translation))
+                return
         await self.forwarder.forward(request, job, outgoing)
 
     @app.route("/<path:rest>", methods=list(KNOWN_METHODS))
@@ -462,13 +473,17 @@ class ProxyAPI:
     # --- routed by model, not queued ---
 
     @app.route("/api/show", methods=["POST"])
-    async def show(self, request: IRequest) -> None:
+    async def show(self, request: IRequest) -> bytes | None:
         """
-        Model details, from a backend that has the model, without waiting in a queue.
+        Model details, from a backend that has the model, without waiting in a queue:
+        an Ollama backend's own answer, else what an OpenAI-only backend says of it.
         """
         body = self._parseJSON(self._readBody(request))
-        resolution = self._resolveModel(body, OLLAMA_ONLY)
+        resolution = self._resolveModel(body, OLLAMA_ONLY | OPENAI_ONLY)
         holders = self.pool.holders(OLLAMA_ONLY, resolution.key)
+        others = self.pool.holders(OPENAI_ONLY, resolution.key)
+        if not holders and others:
+            return _jsonResponse(request, await self.aggregator.show(others[0], resolution.requested))
         if not holders:
             raise Unavailable(f"no backend online for model {resolution.requested!r}",
                               code="no_backend", retryAfter=self.config.healthInterval)
@@ -518,6 +533,7 @@ class ProxyAPI:
             routes); otherwise (C{--allow-all-routes}) a body naming none is forwarded
             as it is to any backend of a fitting dialect.
         """
+        translator = self.forwarder.translator
         dialects = dialectsFor(request.path)
         resolution: Resolution | None = None
         requested: str | None = None
@@ -531,8 +547,9 @@ class ProxyAPI:
             if not (isinstance(body, dict) and isinstance(body.get("model"), str)):
                 body = None
         if body is not None:
-            resolution = self._resolveModel(body, dialects)
+            resolution = self._resolveModel(body, translator.acceptable(request.path))
             requested = body.get("model", body.get("name"))
+            dialects = translator.kindsFor(request.path, resolution.key, self.pool)
         headers = request.requestHeaders
         peerHost = _peerHost(request)
         who = self.identity.identify(headers, peerHost)

@@ -22,6 +22,10 @@ What a backend's answer means before its first byte (L{Forwarder._open}):
     been done; sending it again could do it twice); twice in a row and the backend is
     marked failed.
 
+A request granted a backend that does not speak its dialect is translated
+(L{ollamamq.translate.plan}): the translated request is opened the same way, and its
+answer translated on the way back.
+
 The scheduler decides who goes where; this module never picks a backend itself.
 """
 
@@ -50,6 +54,8 @@ from ollamamq.front import familyFor
 from ollamamq.models import ModelCatalog, Resolution
 from ollamamq.relay import BackendUnreachable, BodyTooLong, Relay
 from ollamamq.scheduler import Job, Lease, Scheduler
+from ollamamq.translate.common import Translation
+from ollamamq.translate.plan import Translator
 from ollamamq.tracking import Observer, Tracker
 
 log = Logger()
@@ -150,6 +156,8 @@ class Forwarder:
     clock: IReactorTime
     recheck: Callable[[Backend], None] = lambda backend: None
     downAfter: int = 3
+    translator: Translator = attrs.field(
+        default=attrs.Factory(lambda self: Translator(self.clock, self.relay), takes_self=True))
     # Reports on every queued request (headers, metrics, request log, access line).
     observer: Observer | None = None
     _busyTimers: dict[Backend, IDelayedCall] = attrs.field(factory=dict)
@@ -178,10 +186,26 @@ class Forwarder:
         try:
             while True:
                 tracker.granted(lease)
-                outcome = await self._open(lease.backend, outgoing, tracker=tracker)
+                translation = self.translationFor(lease.backend, outgoing)
+                if translation is not None and translation.local is not None:
+                    request.write(self.translator.answerLocally(request, translation))
+                    tracker.finish(request.code)
+                    return
+                outcome = await self._open(lease.backend, outgoing, tracker=tracker,
+                                           translation=translation)
                 if not isinstance(outcome, (_Failed, _Busy)):
-                    await self.relay.stream(request, outcome, family, tracker.streamAccount,
-                                            tracker.proxyHeaders())
+                    if translation is None and self.translator.lacksMessages(
+                            outgoing.path, lease.backend, outcome):
+                        # No Messages route there after all: send it again, translated.
+                        self.relay.discard(outcome)
+                        continue
+                    if translation is not None:
+                        await self.translator.respond(request, outcome, translation,
+                                                      tracker.streamAccount,
+                                                      tracker.proxyHeaders())
+                    else:
+                        await self.relay.stream(request, outcome, family,
+                                                tracker.streamAccount, tracker.proxyHeaders())
                     tracker.finish(request.code)
                     return
                 if isinstance(outcome, _Busy):
@@ -227,6 +251,20 @@ class Forwarder:
         raise BadGateway(f"no backend could answer: {'; '.join(reasons)}",
                          code="backend_failed")
 
+    def translationFor(self, backend: Backend, outgoing: Outgoing) -> Translation | None:
+        """
+        The translation of C{outgoing} for C{backend}, or L{None} when it speaks the
+        request's dialect.
+
+        @raise ollamamq.errors.BadRequest: it cannot be translated faithfully.
+        """
+        if outgoing.resolution is None or not self.translator.needed(outgoing.path, backend):
+            return None
+        data = self.bodyFor(backend, outgoing)
+        assert isinstance(data, bytes)
+        return self.translator.translate(outgoing.path, json.loads(data),
+                                         outgoing.requested or outgoing.resolution.requested)
+
     def bodyFor(self, backend: Backend, outgoing: Outgoing) -> bytes | BinaryIO | None:
         """
         The body to send C{backend}: model rules applied and the model spelled as that
@@ -250,28 +288,36 @@ class Forwarder:
         return json.dumps(rewritten).encode("utf-8")
 
     async def _open(self, backend: Backend, outgoing: Outgoing, queued: bool = True,
-                    tracker: Tracker | None = None) -> IResponse | _Failed | _Busy:
+                    tracker: Tracker | None = None,
+                    translation: Translation | None = None) -> IResponse | _Failed | _Busy:
         """
-        Send C{outgoing} to C{backend} and say what its answer means (module docstring).
+        Send C{outgoing} (or its C{translation}) to C{backend} and say what its answer
+        means (module docstring).
 
         @param queued: whether the request can wait for a busy backend; if not, a 429 is
             an answer and a 503 a failure.
         @param tracker: the request's observations, which may ask the backend for usage.
         """
-        data = self.bodyFor(backend, outgoing)
+        if translation is not None:
+            data: bytes | BinaryIO | None = translation.encodedBody()
+            target = translation.path
+        else:
+            data = self.bodyFor(backend, outgoing)
+            target = outgoing.target
         if tracker is not None:
+            # By the client's path: a translated request already asks for usage, and the
+            # account reads the translated answer, in the client's dialect.
             data = tracker.prepare(outgoing.path, data)
         try:
             try:
                 response = await self.relay.open(
-                    backend, outgoing.method, outgoing.target, outgoing.headers, data)
+                    backend, outgoing.method, target, outgoing.headers, data)
             except BackendUnreachable as e:
                 if not e.stale:
                     raise
                 log.info("{reason}; trying once more on a fresh connection", reason=str(e))
                 response = await self.relay.open(
-                    backend, outgoing.method, outgoing.target, outgoing.headers, data,
-                    fresh=True)
+                    backend, outgoing.method, target, outgoing.headers, data, fresh=True)
         except BackendUnreachable as e:
             return self._failed(backend, str(e))
         except GatewayTimeout:

@@ -8,7 +8,7 @@ from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
 from ollamamq import errors
-from ollamamq.aggregate import Aggregator
+from ollamamq.aggregate import TRANSLATED_VERSION, Aggregator
 from ollamamq.backends import OLLAMA, OPENAI
 from ollamamq.config import ModelRule
 from ollamamq.models import ModelCatalog
@@ -64,21 +64,43 @@ class AggregatorTests(PoolFixture, SynchronousTestCase):
 
     def test_tags(self) -> None:
         """
-        C{/api/tags} is the union of the online Ollama backends' live entries, one per
-        model (the first backend's), plus aliases of present models, sorted by name;
-        offline and OpenAI backends are not asked.
+        C{/api/tags} is the union of the online backends' live entries, one per model
+        (the first backend's), plus aliases of present models, sorted by name; an
+        OpenAI-only backend's models are listed from its live C{/v1/models}; offline
+        backends are not asked.
         """
         result = self.successResultOf(self.aggregator.tags())
         self.assertEqual(
             [m["name"] for m in result["models"]],
-            ["gpt-4o-mini", "llama3:8b", "mistral:latest", "qwen2.5:7b"],
+            ["gpt-4o-mini", "llama3:8b", "meta-llama/Llama-3.1-8B", "mistral:latest", "qwen2.5:7b"],
         )
         self.assertEqual(result["models"][1], tagEntry("llama3:8b"))
         self.assertEqual(
             result["models"][0], {**tagEntry("llama3:8b"), "name": "gpt-4o-mini", "model": "gpt-4o-mini"}
         )
+        self.assertEqual(result["models"][2], {
+            "name": "meta-llama/Llama-3.1-8B", "model": "meta-llama/Llama-3.1-8B",
+            "modified_at": "1970-01-01T00:00:01Z", "size": 0, "digest": "",
+            "details": {"parent_model": "", "format": "", "family": "", "families": None,
+                        "parameter_size": "", "quantization_level": ""}})
         self.assertEqual(self.fakeD.requests, [])
-        self.assertEqual(self.fakeV.requests, [])
+        self.assertEqual(self.fakeV.requests, ["/v1/models"])
+
+    def test_tagsLlamaServerMeta(self) -> None:
+        """
+        llama-server's C{meta} (file size, parameter count) fills C{size} and
+        C{details}; an Ollama backend's entry wins for a model both kinds list.
+        """
+        self.fakeV.routes["/v1/models"] = (200, {"object": "list", "data": [
+            {"id": "gemma3-270m", "object": "model", "created": 1764547200, "owned_by": "llamacpp",
+             "meta": {"n_params": 268098176, "size": 253111296, "n_ctx_train": 32768}},
+            {"id": "llama3:8b", "object": "model", "created": 1, "owned_by": "llamacpp"}]})
+        models = {m["name"]: m for m in self.successResultOf(self.aggregator.tags())["models"]}
+        self.assertEqual(models["gemma3-270m"]["size"], 253111296)
+        self.assertEqual(models["gemma3-270m"]["modified_at"], "2025-12-01T00:00:00Z")
+        self.assertEqual(models["gemma3-270m"]["details"]["parameter_size"], "268M")
+        self.assertEqual(models["gemma3-270m"]["details"]["format"], "gguf")
+        self.assertEqual(models["llama3:8b"], tagEntry("llama3:8b"))
 
     def test_tagsSkipsHung(self) -> None:
         """
@@ -101,6 +123,7 @@ class AggregatorTests(PoolFixture, SynchronousTestCase):
         """
         self.fake2.routes["/api/tags"] = (500, {"error": "boom"})
         self.fake1.routes["/api/tags"] = (200, {"models": "many"})
+        self.fakeV.routes["/v1/models"] = (200, {"data": [{"object": "model"}]})
         self.assertEqual(self.successResultOf(self.aggregator.tags()), {"models": []})
         self.fake1.routes["/api/tags"] = (200, {"models": None})
         self.assertEqual(self.successResultOf(self.aggregator.tags()), {"models": []})
@@ -116,11 +139,19 @@ class AggregatorTests(PoolFixture, SynchronousTestCase):
 
     def test_ps(self) -> None:
         """
-        C{/api/ps} is the union of loaded models, one entry per model, without aliases.
+        C{/api/ps} is the union of loaded models, one entry per model, without aliases;
+        an OpenAI-only backend serves (so has in memory) every model it lists.
         """
         self.fake2.routes["/api/ps"] = (200, {"models": [psEntry("LLAMA3:8b"), psEntry("mistral:latest")]})
+        self.fakeV.routes["/v1/models"] = (200, {"object": "list", "data": [
+            {"id": "meta-llama/Llama-3.1-8B", "object": "model", "created": 1,
+             "meta": {"n_params": 8030261248, "size": 4920734016, "n_ctx_train": 131072}}]})
         result = self.successResultOf(self.aggregator.ps())
-        self.assertEqual(result, {"models": [psEntry("llama3:8b"), psEntry("mistral:latest")]})
+        served = {"name": "meta-llama/Llama-3.1-8B", "model": "meta-llama/Llama-3.1-8B",
+                  "size": 4920734016, "size_vram": 4920734016, "digest": "", "context_length": 131072,
+                  "details": {"parent_model": "", "format": "gguf", "family": "", "families": None,
+                              "parameter_size": "8.0B", "quantization_level": ""}}
+        self.assertEqual(result, {"models": [psEntry("llama3:8b"), served, psEntry("mistral:latest")]})
 
     def test_psSkipsHung(self) -> None:
         """
@@ -130,7 +161,7 @@ class AggregatorTests(PoolFixture, SynchronousTestCase):
         d = self.aggregator.ps()
         self.assertNoResult(d)
         self.clock.advance(5)
-        self.assertEqual(len(self.successResultOf(d)["models"]), 2)
+        self.assertEqual(len(self.successResultOf(d)["models"]), 3)
 
     def test_version(self) -> None:
         """
@@ -143,6 +174,7 @@ class AggregatorTests(PoolFixture, SynchronousTestCase):
     def test_versionCached(self) -> None:
         """
         With no Ollama backend online, the lowest last known version; with none known,
+        the translated Ollama API's version while an OpenAI-only backend is online, else
         503.
         """
         self.pool.markOffline(self.gpu1, "x")
@@ -150,6 +182,9 @@ class AggregatorTests(PoolFixture, SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.aggregator.version()), {"version": "0.1.0"})
         for backend in (self.gpu1, self.gpu2, self.down):
             backend.version = None
+        self.assertEqual(self.successResultOf(self.aggregator.version()),
+                         {"version": TRANSLATED_VERSION})
+        self.pool.markOffline(self.vllm, "x")
         failure = self.failureResultOf(self.aggregator.version(), errors.Unavailable)
         self.assertEqual(failure.value.status, 503)
 

@@ -931,18 +931,50 @@ class MethodTests(SynchronousTestCase):
         self.assertIn("POST is not allowed on /", json.loads(body)["error"])
         self.assertEqual(self.flushLoggedErrors(), [])
 
-    def test_messagesNeedAnthropicDialect(self) -> None:
+    def test_messagesWithoutAnthropicDialect(self) -> None:
         """
-        C{/v1/messages} goes only to backends that serve the Anthropic API; for a model
-        whose backends do not, the client is told so with a 404, not a 503.
+        A C{/v1/messages} request for a model whose backends do not serve the Anthropic
+        API is translated to chat completions (L{ollamamq.translate}); one that cannot be
+        translated is an Anthropic-shaped 400.
         """
         proxy = Proxy(self, {"gpu1": sim(name="gpu1")})
-        response, body = proxy.complete("POST", "/v1/messages",
-                                        {"model": "llama3", "max_tokens": 5, "messages": []})
-        self.assertEqual(response.code, 404)
-        error = json.loads(body)["error"]
-        self.assertEqual(error["type"], "not_found_error")
-        self.assertIn("Anthropic Messages API", error["message"])
+        message = {"model": "llama3", "max_tokens": 5,
+                   "messages": [{"role": "user", "content": "hi"}]}
+        response, body = proxy.complete("POST", "/v1/messages", message)
+        self.assertEqual((response.code, json.loads(body)["type"]), (200, "message"))
+        self.assertEqual(proxy.sims["gpu1"].stats["log"][-1]["path"], "/v1/chat/completions")
+        response, body = proxy.complete("POST", "/v1/messages", dict(message, messages=[]))
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")
+
+
+class AnthropicRouteTests(SynchronousTestCase):
+    """
+    The Anthropic Messages routes, relayed to a backend that serves them natively.
+    """
+
+    def setUp(self) -> None:
+        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1", api="llama-server", models=("gemma3",))})
+
+    def test_messages(self) -> None:
+        """
+        C{POST /v1/messages} reaches the backend and its C{message} comes back.
+        """
+        body = {"model": "gemma3", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        response, answer = self.proxy.complete("POST", "/v1/messages", body)
+        self.assertEqual(response.code, 200)
+        message = json.loads(answer)
+        self.assertEqual((message["type"], message["usage"]["output_tokens"]), ("message", 3))
+
+    def test_countTokens(self) -> None:
+        """
+        C{POST /v1/messages/count_tokens} is routed by model to a backend too.
+        """
+        body = {"model": "gemma3", "messages": [{"role": "user", "content": "one two three"}]}
+        response, answer = self.proxy.complete("POST", "/v1/messages/count_tokens", body)
+        self.assertEqual((response.code, json.loads(answer)), (200, {"input_tokens": 3}))
+        [seen] = [r for r in self.proxy.sims["gpu1"].requests if r["method"] == "POST"]
+        self.assertEqual(seen["path"], "/v1/messages/count_tokens")
 
 
 class ControlMountTests(SynchronousTestCase):
@@ -981,32 +1013,3 @@ class ControlMountTests(SynchronousTestCase):
         self.assertEqual(json.loads(body), {"error": "user mallory is blocked"})
         response, body = p.complete("GET", "/proxy/nothing")
         self.assertEqual(response.code, 404)
-
-
-class AnthropicRouteTests(SynchronousTestCase):
-    """
-    The Anthropic Messages routes, relayed to a backend that serves them natively.
-    """
-
-    def setUp(self) -> None:
-        self.proxy = Proxy(self, {"gpu1": sim(name="gpu1", api="llama-server", models=("gemma3",))})
-
-    def test_messages(self) -> None:
-        """
-        C{POST /v1/messages} reaches the backend and its C{message} comes back.
-        """
-        body = {"model": "gemma3", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
-        response, answer = self.proxy.complete("POST", "/v1/messages", body)
-        self.assertEqual(response.code, 200)
-        message = json.loads(answer)
-        self.assertEqual((message["type"], message["usage"]["output_tokens"]), ("message", 3))
-
-    def test_countTokens(self) -> None:
-        """
-        C{POST /v1/messages/count_tokens} is routed by model to a backend too.
-        """
-        body = {"model": "gemma3", "messages": [{"role": "user", "content": "one two three"}]}
-        response, answer = self.proxy.complete("POST", "/v1/messages/count_tokens", body)
-        self.assertEqual((response.code, json.loads(answer)), (200, {"input_tokens": 3}))
-        [seen] = [r for r in self.proxy.sims["gpu1"].requests if r["method"] == "POST"]
-        self.assertEqual(seen["path"], "/v1/messages/count_tokens")

@@ -7,7 +7,9 @@ Gemma 3 270M (real-backend tests: they skip with the reason when the binary or m
 missing, and fail under C{CI=true}; see L{tests.llama}).
 
 One class per backend kind, all sharing L{ClientMatrix}'s tests; a class sets what its
-backend offers (C{embedModel}, C{speaksOllama}). To add a client or a case, add a test to
+backend offers (C{embedModel}). Ollama clients on OpenAI-only backends, and Anthropic
+clients on backends without Messages, are served by protocol translation
+(L{ollamamq.translate}). To add a client or a case, add a test to
 L{ClientMatrix}; to add a backend kind, add a class with C{startBackend}.
 """
 
@@ -23,7 +25,6 @@ import openai
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.trial.unittest import SkipTest
 
 from tests.harness import ONLINE_LINE, ProcessTestCase, threaded
 from tests.llama import GEMMA_MODEL, LlamaServerTestCase
@@ -101,17 +102,26 @@ def anthropicSession(url: str, model: str) -> dict[str, Any]:
     return found
 
 
-def ollamaSession(url: str, model: str) -> dict[str, Any]:
+def ollamaSession(url: str, model: str, embedModel: str | None) -> dict[str, Any]:
     """
-    The ollama client's chat (streaming), list, show and version (blocking).
+    The ollama client's chat and generate (streaming and not), embed, list, ps, show and
+    version (blocking).
     """
     client = ollama.Client(host=url)
+    options = {"num_predict": MAX_TOKENS}
     found: dict[str, Any] = {}
-    found["chunks"] = list(
-        client.chat(model=model, messages=QUESTION, stream=True, options={"num_predict": MAX_TOKENS})
-    )
+    found["chunks"] = list(client.chat(model=model, messages=QUESTION, stream=True, options=options))
+    found["chat"] = client.chat(model=model, messages=QUESTION, options=options)
+    found["generate"] = client.generate(model=model, prompt="The sky is", options=options)
+    found["generated"] = list(client.generate(model=model, prompt="The sky is", stream=True,
+                                              options=options))
+    if embedModel is not None:
+        found["embed"] = client.embed(model=embedModel, input=["one", "two"])
     found["list"] = [m.model for m in client.list().models]
+    found["ps"] = [m.model for m in client.ps().models]
     found["show"] = client.show(model)
+    # The Python client has no version call (the CLI's "ollama -v" asks /api/version);
+    # its own transport sends it with the client's headers and host handling.
     found["version"] = client._request_raw("GET", "/api/version").json()
     return found
 
@@ -130,16 +140,10 @@ class ClientMatrix:
     @cvar model: the model the backend serves (as clients name it).
     @cvar embedModel: a model to embed with, or L{None} when the backend offers none
         (llama-server without C{--embeddings}): then the proxy must relay its refusal.
-    @cvar speaksOllama: whether the backend serves C{/api/*}; Ollama clients on OpenAI-only
-        backends need protocol translation (the C{translate} work of issue 12).
-    @cvar speaksAnthropic: whether the proxy sees the backend serve the Anthropic Messages
-        API natively (Ollama from 0.14, llama-server); others need translation.
     """
 
     model = GEMMA_MODEL
     embedModel: str | None = "nomic-embed-text"
-    speaksOllama = False
-    speaksAnthropic = True
 
     async def startBackend(self) -> str:
         """
@@ -197,8 +201,6 @@ class ClientMatrix:
         The anthropic client completes a message, a streamed message (text deltas, a
         final message with usage) and a token count.
         """
-        if not self.speaksAnthropic:
-            raise SkipTest("Anthropic clients on an OpenAI-only backend need translation (issue 12)")
         url = await self.startStack()
         found = await threaded(anthropicSession, url, self.model)
         t: Any = self
@@ -217,19 +219,34 @@ class ClientMatrix:
 
     async def test_ollama(self) -> None:
         """
-        The ollama client streams a chat ending with C{done} and C{eval_count}, and lists,
-        shows and versions the model.
+        The ollama client streams a chat ending with C{done} and real counts, chats and
+        generates (streaming and not), embeds where the backend offers it, and lists,
+        shows and versions the model; C{ps} lists the model used last.
         """
-        if not self.speaksOllama:
-            raise SkipTest("Ollama clients on an OpenAI-only backend need translation (issue 12)")
         url = await self.startStack()
-        found = await threaded(ollamaSession, url, self.model)
+        found = await threaded(ollamaSession, url, self.model, self.embedModel)
         t: Any = self
         chunks = found["chunks"]
+        t.assertTrue(all(not c.done for c in chunks[:-1]))
         t.assertTrue(chunks[-1].done)
+        t.assertIn(chunks[-1].done_reason, ("stop", "length"))
         t.assertGreater(chunks[-1].eval_count, 0)
+        t.assertLessEqual(chunks[-1].eval_count, MAX_TOKENS)
+        t.assertGreater(chunks[-1].prompt_eval_count, 0)
         t.assertTrue("".join(c.message.content for c in chunks))
+        t.assertTrue(found["chat"].message.content)
+        t.assertGreater(found["chat"].eval_count, 0)
+        t.assertTrue(found["generate"].response)
+        t.assertGreater(found["generate"].eval_count, 0)
+        t.assertTrue(found["generated"][-1].done)
+        t.assertTrue("".join(g.response for g in found["generated"]))
+        if self.embedModel is not None:
+            t.assertEqual(len(found["embed"].embeddings), 2)
+            t.assertGreater(len(found["embed"].embeddings[0]), 0)
         t.assertTrue(any(name.startswith(self.model) for name in found["list"]))
+        # The last model used is in memory (a simulator may have evicted the first).
+        lastUsed = self.embedModel or self.model
+        t.assertTrue(any(name.startswith(lastUsed) for name in found["ps"]), found["ps"])
         t.assertTrue(found["show"].details)
         t.assertIn("version", found["version"])
 
@@ -238,8 +255,6 @@ class OllamaSimulatorClients(ClientMatrix, ProcessTestCase):
     """
     The clients against the simulator in its Ollama mode.
     """
-
-    speaksOllama = True
 
     async def startBackend(self) -> str:
         # Ollama serves /v1/messages from 0.14 on, and the proxy goes by the version.
@@ -252,10 +267,9 @@ class OllamaSimulatorClients(ClientMatrix, ProcessTestCase):
 
 class OpenAISimulatorClients(ClientMatrix, ProcessTestCase):
     """
-    The clients against the simulator in its OpenAI-only mode (vLLM-like).
+    The clients against the simulator in its OpenAI-only mode (vLLM-like): Ollama and
+    Anthropic clients are served by translation.
     """
-
-    speaksAnthropic = False
 
     async def startBackend(self) -> str:
         url, _ = await self.startSimulator(
@@ -366,6 +380,35 @@ class LlamaServerClients(ClientMatrix, LlamaServerTestCase):
         proxied = await threaded(both, url)
         self.assertEqual(proxied, direct)
         self.assertGreater(direct["chat"][2], 0)
+
+    async def test_ollamaUsageMatches(self) -> None:
+        """
+        The ollama client, translated, gets what llama-server itself answers the same
+        deterministic request: the same text, C{eval_count} its completion tokens,
+        C{prompt_eval_count} its prompt tokens, streamed and not.
+        """
+        url = await self.startStack()
+        options = {"num_predict": MAX_TOKENS, "temperature": 0, "seed": 1}
+
+        def ask() -> dict[str, Any]:
+            direct = openaiClient(self.backendURL).chat.completions.create(
+                model=self.model, messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0, seed=1)
+            client = ollama.Client(host=url)
+            chunks = list(client.chat(model=self.model, messages=QUESTION, stream=True,
+                                      options=options))
+            whole = client.chat(model=self.model, messages=QUESTION, options=options)
+            return {"direct": direct, "chunks": chunks, "whole": whole}
+
+        found = await threaded(ask)
+        direct, chunks, whole = found["direct"], found["chunks"], found["whole"]
+        text = direct.choices[0].message.content
+        self.assertEqual("".join(c.message.content for c in chunks), text)
+        self.assertEqual(whole.message.content, text)
+        for final in (chunks[-1], whole):
+            self.assertTrue(final.done)
+            self.assertEqual(final.eval_count, direct.usage.completion_tokens)
+            self.assertEqual(final.prompt_eval_count, direct.usage.prompt_tokens)
+            self.assertEqual(final.done_reason, direct.choices[0].finish_reason)
 
     async def test_twoAtOnce(self) -> None:
         """

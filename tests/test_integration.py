@@ -225,12 +225,10 @@ class PoolTests(ProcessTestCase):
         mistral = await post("/api/generate", {"model": "mistral", "prompt": "x", "stream": False})
         gpt = await post("/v1/chat/completions", {"model": "gpt-oss", "messages": CHAT})
         self.assertEqual([served(r[2]) for r in (qwen, mistral, gpt)], ["a", "b", "c"])
-        # Only an OpenAI-only backend has gpt-oss: a native request for it is told so
-        # (404), not given a transient-looking 503.
+        # Only the OpenAI-only backend has gpt-oss: an Ollama chat for it is translated.
         native = await post("/api/chat", {"model": "gpt-oss", "messages": CHAT})
-        self.assertEqual(native[0], 404)
-        self.assertIn("only on backends that do not serve the Ollama API",
-                      json.loads(native[1])["error"])
+        self.assertEqual((native[0], served(native[2])), (200, "c"))
+        self.assertTrue(json.loads(native[1].splitlines()[-1])["done"])
 
         # Two one-slot backends share llama3.2: two requests run at once, while the
         # aggregated /api/tags still answers. (keep_alive 0: a unloads the model after.)
@@ -240,7 +238,7 @@ class PoolTests(ProcessTestCase):
         await b.waitFor(r"request \d+ /api/generate user=p\d started")
         tagsResponse = await self.http.get(url + "/api/tags")
         names = {m["name"] for m in json.loads(await treq.content(tagsResponse))["models"]}
-        self.assertEqual(names, {"llama3.2:latest", "qwen2.5:latest", "mistral:latest"})
+        self.assertEqual(names, {"llama3.2:latest", "qwen2.5:latest", "mistral:latest", "gpt-oss"})
         self.assertEqual(sorted([(await d)[0] for d in both]), [200, 200])
         spans = []
         for simURL in (aURL, bURL):
