@@ -452,6 +452,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         requestLog.retentionDays = new.logRetentionDays
 
     hub = EventHub(reactor, lambda: actions.totals())
+    forwarder.observer.publish = hub.publish
     actions = ControlActions(
         config=config,
         pool=pool,

@@ -195,6 +195,8 @@ class Observer:
         self.requestLog = requestLog
         self.wallClock = wallClock
         self._newId = newId
+        # The control plane's event stream (tap.py sets it): token counts go to consoles.
+        self.publish: Callable[[str, dict], None] | None = None
 
     def begin(self, request: IRequest, user: str, peer: str | None, route: str,
               model: str | None, requestId: str | None = None) -> Tracker:
@@ -212,3 +214,9 @@ class Observer:
         if self.requestLog is not None:
             self.requestLog.add(record)
         logAccess(record)
+        if self.publish is not None and record.completionTokens is not None:
+            self.publish("request.accounted", {
+                "id": record.requestId, "user": record.user, "model": record.model,
+                "tokens": {"prompt": record.promptTokens,
+                           "completion": record.completionTokens},
+            })

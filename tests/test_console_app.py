@@ -107,7 +107,7 @@ class FakeDaemon(amp.AMP):
         self.received.append(("Snapshot", {}))
         return {"queued": len(self.world["queue"]), "active": 0,
                 "users": len(self.world["users"]), "blocked": len(self.world["blocked"]),
-                "backends": self.world["backends"]}
+                "backends": self.world["backends"], "uptime": self.world.get("uptime", 0.0)}
 
     @commands.ListUsers.responder
     def listUsers(self, offset: int | None = None, limit: int | None = None) -> dict:
@@ -359,7 +359,7 @@ class AttachTests(ControllerTestCase):
         self.assertEqual(names[:2], ["Version", "Subscribe"])
         self.assertEqual(sorted(names[2:]), ["ListBlocked", "ListQueue", "ListUsers", "Snapshot"])
         text = self.screen()
-        self.assertIn("ollamamq 9.9.9 attached", text)
+        self.assertIn("ollamamq 9.9.9 up 0s", text)
         self.assertRegex(text, r"● gpu1 +online")
         self.assertRegex(text, r"○ gpu2 +offline")
         self.assertRegex(text, r"bob +normal .* wait 4s")
@@ -518,6 +518,26 @@ class AttachTests(ControllerTestCase):
         self.clock.advance(app.TICK_INTERVAL)
         self.clock.advance(0)
         self.assertIn("0 req/s - tok/s", render_text(self.view, SIZE)[0])
+
+    def test_accountedTokensAndUptime(self) -> None:
+        """
+        The daemon's uptime comes with the snapshot; token counts come with
+        C{request.accounted} events (sent once a request's counts are known) and make the
+        header's token rate.
+        """
+        self.state["uptime"] = 7500.0
+        daemon = self.start()
+        self.assertIn("up 2h05m", render_text(self.view, SIZE)[0])
+        self.clock.advance(1001.5 - self.clock.seconds())
+        for i in range(10):
+            daemon.push("request.finished", {"id": f"x{i}", "user": "bob", "model": "m",
+                                             "backend": "gpu1", "duration": 1.0})
+            daemon.push("request.accounted", {"id": f"x{i}", "user": "bob", "model": "m",
+                                              "tokens": {"prompt": 5, "completion": 20}})
+        self.endpoint.flush()
+        self.clock.advance(app.TICK_INTERVAL)
+        self.clock.advance(0)
+        self.assertIn("5.0 req/s 100 tok/s", render_text(self.view, SIZE)[0])
 
     def test_droppedEventsResync(self) -> None:
         """

@@ -104,7 +104,7 @@ class ConsoleDaemonTests(SynchronousTestCase):
         self.settle()
         for console in (self.one, self.two):
             text = console.screen()
-            self.assertRegex(text, r"ollamamq \S+ attached")
+            self.assertRegex(text, r"ollamamq \S+ up \d+s")
             self.assertRegex(text, r"● gpu1 +online +ollama 1/1")
             self.assertRegex(text, r"1 bob +m:latest")
             self.assertRegex(text, r"2 bob +m:latest")

@@ -160,6 +160,25 @@ class AccountingTests(SynchronousTestCase):
         self.assertEqual(records[0].route, "/api/chat")
         self.assertEqual(records[0].model, "llama3:latest")
 
+    def test_accountedEvent(self) -> None:
+        """
+        A finished request whose counts are known is announced on the control plane's
+        event stream (consoles show token rates from it); one without counts is not.
+        """
+        proxy = trackedProxy(self)
+        events: list = []
+        proxy.observer.publish = lambda name, payload: events.append((name, payload))
+        proxy.complete("POST", "/api/generate",
+                       {"model": "llama3", "prompt": "one two", "stream": False},
+                       {"X-User-ID": "a"})
+        [(name, payload)] = events
+        record = proxy.observer.records[0]
+        self.assertEqual(name, "request.accounted")
+        self.assertEqual(payload, {"id": record.requestId, "user": "a",
+                                   "model": "llama3:latest",
+                                   "tokens": {"prompt": record.promptTokens,
+                                              "completion": record.completionTokens}})
+
     def test_openai(self) -> None:
         """
         OpenAI non-streamed and streamed with and without C{include_usage}.

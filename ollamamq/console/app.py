@@ -175,6 +175,7 @@ class ConsoleController:
         self._lastDraw = -DRAW_INTERVAL
         self._finished = 0
         self._tokens: int | None = None
+        self._daemonStarted: float | None = None
         self._samples: deque[tuple[int, int | None]] = deque(maxlen=RATE_WINDOW)
         self.history: deque[float] = deque(maxlen=120)
         self._stopped = False
@@ -309,7 +310,11 @@ class ConsoleController:
             self.state["active"] = data.get("active", self.state["active"])
         else:
             self.view.showEvent(dict(data, type=name), time.time())
-        if name.startswith("request."):
+        if name == "request.accounted":
+            tokens = _tokenCount(data)
+            if tokens is not None:
+                self._tokens = (self._tokens or 0) + tokens
+        elif name.startswith("request."):
             self._requestEvent(name, data)
         elif name == "backend.changed":
             self._patchBackend(data)
@@ -439,6 +444,8 @@ class ConsoleController:
                 snap = await protocol.callRemote(commands.Snapshot)
                 self.state["backends"] = [dict(b) for b in snap["backends"]]
                 self.state["queued"], self.state["active"] = snap["queued"], snap["active"]
+                # When the daemon started, on our clock: the header's uptime runs on.
+                self._daemonStarted = self.clock.seconds() - snap["uptime"]
             if "users" in stale:
                 rows, total = await _pages(protocol, commands.ListUsers, "users", MAX_USERS)
                 self.state["users"] = [dict(u) for u in rows]
@@ -480,7 +487,9 @@ class ConsoleController:
                 extra["ip"] = self.peers[user["id"]]
             users.append(dict(user, **extra) if extra else user)
         snapshot = dict(self.state, users=users)
-        if "uptime" not in snapshot and self.connectedAt is not None:
+        if self._daemonStarted is not None:
+            snapshot["uptime"] = self.clock.seconds() - self._daemonStarted
+        elif self.connectedAt is not None:
             snapshot["attached"] = self.clock.seconds() - self.connectedAt
         return snapshot
 

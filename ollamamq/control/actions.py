@@ -168,12 +168,15 @@ class ControlActions:
     probe: Callable[[Backend], Any] = lambda backend: None
     loadConfig: Callable[[], Config] | None = None
     reconfigure: list[Callable[[Config], Any]] = attrs.field(factory=list)
+    # When the daemon started, on the hub's clock (for the uptime in snapshots).
+    _startedAt: float = attrs.field(init=False, default=0.0)
     _users: dict[str, UserOverride] = attrs.field(factory=dict)
     _blocks: dict[IPNetwork, None] = attrs.field(factory=dict)
     _backends: dict[str, BackendOverride] = attrs.field(factory=dict)
     _described: dict[str, dict] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
+        self._startedAt = self.events.clock.seconds()
         self.scheduler.subscribe(self.events.publish)
         self.pool.subscribe(self._poolChanged)
         self._described = {b.name: self._backendEntry(b) for b in self.pool.backends}
@@ -228,7 +231,7 @@ class ControlActions:
     def snapshot(self) -> dict:
         """
         Totals and every backend: C{{"queued", "active", "users", "blocked",
-        "backends"}}.
+        "backends", "uptime"}}.
         """
         return {
             "queued": self.scheduler.queued,
@@ -236,6 +239,7 @@ class ControlActions:
             "users": len(self.scheduler.snapshot()),
             "blocked": len(self._blocks),
             "backends": [self._backendEntry(b) for b in self.pool.backends],
+            "uptime": self.events.clock.seconds() - self._startedAt,
         }
 
     def status(self) -> dict:

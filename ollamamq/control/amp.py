@@ -30,6 +30,8 @@ object C{payload}. Names and payloads (fields may be added, never renamed):
     user's queued count after it).
   - C{request.started}: C{{"id", "user", "model", "backend", "waited"}} (seconds queued).
   - C{request.finished}: C{{"id", "user", "model", "backend", "duration"}}.
+  - C{request.accounted}: C{{"id", "user", "model", "tokens": {"prompt", "completion"}}},
+    once a finished request's token counts are known (the backend reported them).
   - C{request.cancelled}: C{{"id", "user", "model", "reason"}}; C{reason} is C{"client"}
     (went away while queued), C{"operator"} (L{CancelRequest}), C{"blocked"} (its user or
     address was blocked) or C{"failed"} (refused while queued: timeout, no backend left).
@@ -272,6 +274,7 @@ class Snapshot(amp.Command):
         (b"users", amp.Integer()),  # rows of ListUsers
         (b"blocked", amp.Integer()),  # rows of ListBlocked
         (b"backends", amp.AmpList(BACKEND_ROW)),
+        (b"uptime", amp.Float()),  # seconds since the daemon started
     ]
     errors = ERRORS
 

@@ -53,6 +53,13 @@ class EventHub:
         self._pending: IDelayedCall | None = None
 
     @property
+    def clock(self) -> IReactorTime:
+        """
+        The clock events are timed on.
+        """
+        return self._clock
+
+    @property
     def subscribers(self) -> int:
         """
         How many subscribers are attached.

@@ -164,6 +164,7 @@ class ControlProtocol(amp.AMP):
             "users": snap["users"],
             "blocked": snap["blocked"],
             "backends": [_backendRow(b) for b in snap["backends"]],
+            "uptime": snap["uptime"],
         }
 
     @staticmethod
