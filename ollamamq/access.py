@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from ollamamq.errors import BadRequest, ProxyError, writeError
 from ollamamq.front import familyFor
 from ollamamq.identity import IdentityResolver
-from ollamamq.limits import RateLimiter
+from ollamamq.limits import RateLimiter, TokenBudget
 
 # Routes anyone may ask, authenticated or not, without using up their rate. The status
 # page is static and reads only the (redacted without the admin key) /proxy/status.
@@ -66,19 +66,21 @@ class AccessGate(Resource):
     isLeaf = True
 
     def __init__(self, inner: Any, identity: IdentityResolver, limiter: RateLimiter,
-                 public: frozenset[bytes] = PUBLIC) -> None:
+                 public: frozenset[bytes] = PUBLIC, budget: TokenBudget | None = None) -> None:
         """
         @param inner: the resource serving requests that pass.
         @param identity: who is asking, and whether that is proven.
         @param limiter: the per-user request-rate buckets.
         @param public: the paths anyone may ask (L{PUBLIC}, plus C{/metrics} when metrics
             are public).
+        @param budget: the per-user tokens per day.
         """
         super().__init__()
         self._inner = inner
         self._identity = identity
         self._limiter = limiter
         self._public = public
+        self._budget = budget
 
     def render(self, request: IRequest) -> Any:
         """
@@ -106,6 +108,8 @@ class AccessGate(Resource):
         if public or self._identity.isAdmin(headers):
             return
         who = self._identity.authenticate(headers, peerHost(request))
+        if self._budget is not None:
+            self._budget.check(who.user)
         state = self._limiter.check(who.user)
         if state is not None:
             for name, value in state.headers().items():

@@ -69,6 +69,8 @@ class UserConfig:
     @ivar maxRequestsPerMinute: per-user rate limit, overriding the server-wide one.
     @ivar maxRunning: requests of this user running at once (more wait in the queue),
         overriding the server-wide one.
+    @ivar maxTokensPerDay: prompt and completion tokens per UTC day, overriding the
+        server-wide limit.
     """
 
     priority: str = "normal"
@@ -77,6 +79,7 @@ class UserConfig:
     maxQueued: int | None = None
     maxRequestsPerMinute: int | None = None
     maxRunning: int | None = None
+    maxTokensPerDay: int | None = None
 
 
 @attrs.frozen
@@ -136,6 +139,7 @@ class Config:
     # Per-user defaults; None means no limit.
     maxRequestsPerMinute: int | None = None
     maxRunningPerUser: int | None = None
+    maxTokensPerDay: int | None = None
     # Seconds a client has to send its request headers (and, beyond that, the body at
     # MIN_BODY_RATE); and the most header bytes a request may have.
     clientTimeout: float = 30.0
@@ -220,14 +224,6 @@ def _authMode(key: str, value: Any) -> str:
     if value not in AUTH_MODES:
         raise ConfigError(f'{key}: expected "optional" or "required", got {value!r}')
     return value
-
-
-def _pendingTokensPerDay(key: str, value: Any) -> Any:
-    # Refused rather than silently ignored: a limit that is not enforced must not look
-    # like one. It becomes real with usage accounting (token counts per user).
-    raise ConfigError(
-        f"{key}: not enforced yet (it needs the usage accounting still to come); remove it"
-    )
 
 
 def _keepAlive(key: str, value: Any) -> str | int:
@@ -315,7 +311,7 @@ _SERVER_KEYS: Mapping[str, tuple[str, Callable[[str, Any], Any]]] = {
     "auth": ("auth", _authMode),
     "max_requests_per_minute": ("maxRequestsPerMinute", _positiveInt),
     "max_running_per_user": ("maxRunningPerUser", _positiveInt),
-    "max_tokens_per_day": ("maxTokensPerDay", _pendingTokensPerDay),
+    "max_tokens_per_day": ("maxTokensPerDay", _positiveInt),
     "client_timeout": ("clientTimeout", _positiveNumber),
     "max_header_bytes": ("maxHeaderBytes", _positiveInt),
 }
@@ -354,13 +350,14 @@ def _users(value: Any) -> dict[str, UserConfig]:
                 "max_queued": _positiveInt,
                 "max_requests_per_minute": _positiveInt,
                 "max_running": _positiveInt,
-                "max_tokens_per_day": _pendingTokensPerDay,
+                "max_tokens_per_day": _positiveInt,
             },
         )
         for name, field in (
             ("max_queued", "maxQueued"),
             ("max_requests_per_minute", "maxRequestsPerMinute"),
             ("max_running", "maxRunning"),
+            ("max_tokens_per_day", "maxTokensPerDay"),
         ):
             if name in fields:
                 fields[field] = fields.pop(name)

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_limits -*-
 """
-Per-user request-rate limits: a token bucket per user.
+Per-user limits: a token bucket of requests per user, and a budget of tokens per day.
 
 A user with a limit of C{N} requests per minute (C{max_requests_per_minute}, server-wide
 in C{[server]} or per user in C{[users.NAME]}) has a bucket that holds at most C{N} tokens
@@ -17,11 +17,21 @@ is full again, rounded up).
 A full bucket is the same as no bucket, so buckets of users that have been quiet long
 enough to refill are dropped: memory stays proportional to the users active in the last
 minute, however many addresses a client sends from.
+
+Tokens per day (C{max_tokens_per_day}, server-wide or per user): the prompt and
+completion tokens of a user's finished requests, as usage accounting reads them from the
+answers (L{ollamamq.usage}), are added up per UTC day. Once a user has used the day's
+budget, new requests get a 429 (code C{token_budget_exhausted}) whose C{Retry-After} is
+the time until the next UTC midnight, when every budget starts over. A request already
+admitted runs to its end, so a day's use can pass the budget by the last requests' size.
+Requests whose backend reported no counts are not counted.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -151,3 +161,91 @@ class RateLimiter:
         How many buckets are held (for tests and metrics).
         """
         return len(self._buckets)
+
+
+_DAY = 86400.0
+
+
+class TokenBudget:
+    """
+    Tokens used per user in the current UTC day, against C{max_tokens_per_day}.
+    """
+
+    def __init__(self, config: Config, wallClock: Callable[[], float] = time.time) -> None:
+        """
+        @param config: the server-wide C{maxTokensPerDay} and the users' own.
+        @param wallClock: Unix time (days are UTC days).
+        """
+        self._wallClock = wallClock
+        self._day = -1
+        self._used: dict[str, int] = {}
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Take the limits of a reloaded config; what was used today stays counted.
+        """
+        self._default = config.maxTokensPerDay
+        self._limits = {
+            userID: userConfig.maxTokensPerDay
+            for userID, userConfig in config.users.items()
+            if userConfig.maxTokensPerDay is not None
+        }
+
+    def limitFor(self, user: str) -> int | None:
+        """
+        C{user}'s tokens per day, or L{None} when unlimited.
+        """
+        return self._limits.get(user, self._default)
+
+    def _today(self) -> float:
+        """
+        Start a new day's counts when the UTC day changed; return the current time.
+        """
+        now = self._wallClock()
+        day = int(now // _DAY)
+        if day != self._day:
+            self._day = day
+            self._used.clear()
+        return now
+
+    def used(self, user: str) -> int:
+        """
+        Tokens C{user} used today.
+        """
+        self._today()
+        return self._used.get(user, 0)
+
+    def charge(self, user: str, tokens: int) -> None:
+        """
+        Count a finished request's tokens (only users with a budget are tracked, so
+        memory follows the budgeted users, not everyone).
+        """
+        self._today()
+        if tokens > 0 and self.limitFor(user) is not None:
+            self._used[user] = self._used.get(user, 0) + tokens
+
+    def check(self, user: str) -> None:
+        """
+        Refuse a new request of a user who used the day's budget.
+
+        @raise TooManyRequests: (code C{token_budget_exhausted}) with C{Retry-After} the
+            seconds until the next UTC midnight and the C{X-RateLimit-*} headers counted
+            in tokens.
+        """
+        limit = self.limitFor(user)
+        if limit is None:
+            return
+        now = self._today()
+        used = self._used.get(user, 0)
+        if used < limit:
+            return
+        reset = (self._day + 1) * _DAY - now
+        error = TooManyRequests(
+            f"user {user} used the {limit} tokens a day allowed; the budget starts over at "
+            "midnight UTC",
+            code="token_budget_exhausted",
+            retryAfter=reset,
+        )
+        error.headers.update(RateState(limit, 0, reset).headers())
+        raise error

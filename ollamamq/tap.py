@@ -45,7 +45,7 @@ from ollamamq.forward import Forwarder
 from ollamamq.health import HealthChecker
 from ollamamq.identity import IdentityResolver
 from ollamamq.keys import MintedKeys, loadKeys
-from ollamamq.limits import RateLimiter
+from ollamamq.limits import RateLimiter, TokenBudget
 from ollamamq.models import ModelCatalog
 from ollamamq.metrics import Metrics
 from ollamamq.relay import Relay
@@ -450,6 +450,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         relay.reconfigure(new)
         health.reconfigure(new)
         requestLog.retentionDays = new.logRetentionDays
+        budget.reconfigure(new)
 
     hub = EventHub(reactor, lambda: actions.totals())
     forwarder.observer.publish = hub.publish
@@ -489,8 +490,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         DemoBackends(reactor, demoReady).setServiceParent(top)
     # Prometheus scrapers carry no key: with metrics_public, /metrics is public.
     public = PUBLIC | ({b"/metrics"} if config.metricsPublic else frozenset())
-    site = _Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config), public),
-                 reactor=reactor)
+    budget = TokenBudget(config)
+    forwarder.observer.budget = budget
+    site = _Site(AccessGate(api.resource(), identity, RateLimiter(reactor, config), public,
+                            budget), reactor=reactor)
     site.requestFactory = api.frontRules().requestFactory()
     site.protocol = guardedChannel(reactor, config.clientTimeout, config.maxHeaderBytes)
     for description in config.listen:

@@ -197,6 +197,8 @@ class Observer:
         self._newId = newId
         # The control plane's event stream (tap.py sets it): token counts go to consoles.
         self.publish: Callable[[str, dict], None] | None = None
+        # The per-user tokens per day (tap.py sets it): finished requests are charged.
+        self.budget: Any = None
 
     def begin(self, request: IRequest, user: str, peer: str | None, route: str,
               model: str | None, requestId: str | None = None) -> Tracker:
@@ -214,6 +216,9 @@ class Observer:
         if self.requestLog is not None:
             self.requestLog.add(record)
         logAccess(record)
+        if self.budget is not None:
+            self.budget.charge(record.user, (record.promptTokens or 0)
+                               + (record.completionTokens or 0))
         if self.publish is not None and record.completionTokens is not None:
             self.publish("request.accounted", {
                 "id": record.requestId, "user": record.user, "model": record.model,

@@ -395,3 +395,43 @@ class BackendKeyTests(SynchronousTestCase):
         backend.apiKey = "llama-own"
         self.assertNotIn("llama-own", repr(backend))
         self.assertNotIn("llama-own", json.dumps(backend.describe()))
+
+
+class TokenBudgetTests(SynchronousTestCase):
+    """
+    C{max_tokens_per_day} end to end: counted from the answers' usage as requests finish,
+    refused at the gate once used up.
+    """
+
+    def test_budgetUsedUp(self) -> None:
+        """
+        A user whose finished requests used the day's tokens gets a shaped 429 with the
+        time to midnight UTC; another user is still served.
+        """
+        from ollamamq.limits import TokenBudget
+        from ollamamq.tracking import Observer
+
+        proxy = GatedProxy(self, maxTokensPerDay=5, users={
+            "alice": UserConfig(keys=("sk-alice",)), "bob": UserConfig(keys=("sk-bob",))})
+        now = [86400.0 * 20000 + 600.0]
+        budget = TokenBudget(proxy.config, wallClock=lambda: now[0])
+        observer = Observer(proxy.clock)
+        observer.budget = budget
+        proxy.forwarder.observer = observer
+        proxy.client = StubTreq(AccessGate(proxy.api.resource(), proxy.api.identity,
+                                           proxy.limiter, budget=budget))
+        body = {"model": "llama3", "prompt": "one two three", "stream": False}
+        alice = {"Authorization": "Bearer sk-alice"}
+        response, _ = proxy.complete("POST", "/api/generate", body, alice)
+        self.assertEqual(response.code, 200)
+        self.assertGreaterEqual(budget.used("alice"), 5)
+        response, content = proxy.complete("POST", "/v1/completions",
+                                           {"model": "llama3", "prompt": "x"}, alice)
+        self.assertEqual(response.code, 429)
+        error = json.loads(content)["error"]
+        self.assertEqual((error["type"], error["code"]),
+                         ("rate_limit_error", "token_budget_exhausted"))
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"85800"])
+        response, _ = proxy.complete("POST", "/api/generate", body,
+                                     {"Authorization": "Bearer sk-bob"})
+        self.assertEqual(response.code, 200)

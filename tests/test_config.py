@@ -218,18 +218,19 @@ max_running = 1
 
     def test_badSecurityKeys(self) -> None:
         """
-        Bad values of the security keys are named; C{max_tokens_per_day} is refused as not
-        enforced yet rather than silently ignored; a key in the clear and its digest given
+        Bad values of the security keys are named; a key in the clear and its digest given
         to two users is a duplicate.
         """
         self.assertConfigError('[server]\nauth = "on"\n', "server.auth", "required")
         self.assertConfigError("[server]\nmax_requests_per_minute = 0\n",
                                "server.max_requests_per_minute")
         self.assertConfigError("[server]\nclient_timeout = -1\n", "server.client_timeout")
-        self.assertConfigError("[server]\nmax_tokens_per_day = 1000\n",
-                               "server.max_tokens_per_day", "not enforced yet")
-        self.assertConfigError("[users.a]\nmax_tokens_per_day = 1000\n",
-                               "users.a.max_tokens_per_day", "not enforced yet")
+        self.assertConfigError("[server]\nmax_tokens_per_day = 0\n",
+                               "server.max_tokens_per_day", "positive integer")
+        config = buildConfig(parseTOML("[server]\nmax_tokens_per_day = 1000\n"
+                                       "[users.a]\nmax_tokens_per_day = 50\n"), {}, {})
+        self.assertEqual((config.maxTokensPerDay, config.users["a"].maxTokensPerDay),
+                         (1000, 50))
         self.assertConfigError('[users.a]\nkeys = ["sha256:abc"]\n', "users.a.keys[0]", "64 hex")
         self.assertConfigError('[users.a]\nkeys = ["sk a"]\n', "users.a.keys[0]", "whitespace")
         self.assertConfigError('[users.a]\nmax_running = 0\n', "users.a.max_running")

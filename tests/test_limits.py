@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ollamamq.config import Config, UserConfig
 from ollamamq.errors import TooManyRequests
-from ollamamq.limits import RateLimiter, RateState
+from ollamamq.limits import RateLimiter, RateState, TokenBudget
 
 
 def limiter(clock: Clock, default: int | None = None, **perUser: int) -> RateLimiter:
@@ -143,3 +143,52 @@ class BucketTests(SynchronousTestCase):
         for i in range(2000):
             r.check(f"user{i}")
         self.assertLessEqual(r.tracked, 2100)
+
+
+class TokenBudgetTests(SynchronousTestCase):
+    """
+    L{TokenBudget}: tokens per user per UTC day, from finished requests.
+    """
+
+    def budget(self, now: list[float], **users: int) -> TokenBudget:
+        config = Config(maxTokensPerDay=100,
+                        users={u: UserConfig(maxTokensPerDay=n) for u, n in users.items()})
+        return TokenBudget(config, wallClock=lambda: now[0])
+
+    def test_usedUpThenMidnight(self) -> None:
+        """
+        A user who used the day's budget is refused with a 429 whose Retry-After is the
+        time until midnight UTC; at midnight every budget starts over.
+        """
+        now = [86400.0 * 20000 + 3600.0 * 23]  # 23:00 UTC
+        budget = self.budget(now)
+        budget.check("a")
+        budget.charge("a", 60)
+        budget.check("a")
+        budget.charge("a", 50)
+        with self.assertRaises(TooManyRequests) as caught:
+            budget.check("a")
+        error = caught.exception
+        self.assertEqual((error.status, error.code), (429, "token_budget_exhausted"))
+        self.assertEqual(error.retryAfter, 3600.0)
+        self.assertEqual(error.headers[b"x-ratelimit-limit"], b"100")
+        self.assertEqual(error.headers[b"x-ratelimit-remaining"], b"0")
+        budget.check("b")
+        now[0] += 3600.0
+        budget.check("a")
+        self.assertEqual(budget.used("a"), 0)
+
+    def test_perUserLimitAndUnlimited(self) -> None:
+        """
+        A user's own limit overrides the server-wide one; with none at all nothing is
+        tracked.
+        """
+        now = [0.0]
+        budget = self.budget(now, small=10)
+        budget.charge("small", 10)
+        self.assertRaises(TooManyRequests, budget.check, "small")
+        budget.check("other")
+        free = TokenBudget(Config(), wallClock=lambda: now[0])
+        free.charge("x", 10**9)
+        free.check("x")
+        self.assertEqual(free.used("x"), 0)
