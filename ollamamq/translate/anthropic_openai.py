@@ -33,14 +33,13 @@ from twisted.internet.interfaces import IReactorTime
 from ollamamq.errors import ANTHROPIC, BadRequest, ProxyError, streamErrorLine
 from ollamamq.translate.common import (
     EVENT_STREAM,
-    JSON_TYPE,
     SSEReader,
     Translation,
     UntranslatableResponse,
+    asJSON,
     decodeJSON,
-    errorAnswer,
     sseEvent,
-    untranslatable,
+    translateWhole,
 )
 
 CHAT = b"/v1/chat/completions"
@@ -318,15 +317,8 @@ class MessagesWhole:
         """
         The client's status, content type and body.
         """
-        if not 200 <= code < 300:
-            return errorAnswer(code, body, ANTHROPIC)
-        try:
-            message = self.message(decodeJSON(body, "answer"))
-        except UntranslatableResponse as e:
-            return untranslatable(str(e), ANTHROPIC)
-        if self.stream:
-            return 200, EVENT_STREAM, _asEvents(message)
-        return 200, JSON_TYPE, json.dumps(message, ensure_ascii=False).encode("utf-8")
+        encode = (lambda m: (EVENT_STREAM, _asEvents(m))) if self.stream else asJSON
+        return translateWhole(code, body, ANTHROPIC, self.message, encode)
 
     def message(self, answer: Any) -> dict:
         """
@@ -400,17 +392,14 @@ class CountWhole:
         """
         The client's status, content type and body.
         """
-        if not 200 <= code < 300:
-            return errorAnswer(code, body, ANTHROPIC)
-        try:
-            answer = decodeJSON(body, "answer")
+        def count(answer: Any) -> dict:
             usage = answer.get("usage") if isinstance(answer, dict) else None
-            count = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-            if not isinstance(count, int):
+            tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            if not isinstance(tokens, int):
                 raise UntranslatableResponse("the answer has no usage.prompt_tokens")
-        except UntranslatableResponse as e:
-            return untranslatable(str(e), ANTHROPIC)
-        return 200, JSON_TYPE, json.dumps({"input_tokens": count}).encode("utf-8")
+            return {"input_tokens": tokens}
+
+        return translateWhole(code, body, ANTHROPIC, count, asJSON)
 
 
 class MessagesStream:

@@ -303,6 +303,31 @@ def untranslatable(reason: str, family: str) -> tuple[int, bytes, bytes]:
     return 502, JSON_TYPE, json.dumps(errorPayload(error, family)).encode("utf-8")
 
 
+def translateWhole(code: int, body: bytes, family: str, translate: Callable[[Any], Any],
+                   encode: Callable[[Any], tuple[bytes, bytes]]) -> tuple[int, bytes, bytes]:
+    """
+    The client's status, content type and body for a whole backend answer: the backend's
+    own error passed on in C{family}'s shape, else C{translate} of the decoded answer,
+    encoded as C{encode} says; a 502 when the answer cannot be translated. What every
+    L{WholeTranslator} does around its own mapping.
+    """
+    if not 200 <= code < 300:
+        return errorAnswer(code, body, family)
+    try:
+        result = translate(decodeJSON(body, "answer"))
+    except UntranslatableResponse as e:
+        return untranslatable(str(e), family)
+    contentType, data = encode(result)
+    return 200, contentType, data
+
+
+def asJSON(value: Any) -> tuple[bytes, bytes]:
+    """
+    A translated answer as one JSON document.
+    """
+    return JSON_TYPE, json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
 class _TranslatingBody:
     """
     The body protocol the relay gets: it is handed the backend's transport unchanged

@@ -48,15 +48,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamamq.errors import OLLAMA, BadRequest, ProxyError
 from ollamamq.translate.common import (
-    JSON_TYPE,
     NDJSON,
     SSEReader,
     Translation,
     UntranslatableResponse,
+    asJSON,
     decodeJSON,
-    errorAnswer,
     jsonLine,
-    untranslatable,
+    translateWhole,
 )
 
 CHAT = b"/v1/chat/completions"
@@ -749,15 +748,8 @@ class OllamaWhole:
         """
         The client's status, content type and body.
         """
-        if not 200 <= code < 300:
-            return errorAnswer(code, body, OLLAMA)
-        try:
-            answer = self._translate(decodeJSON(body, "answer"))
-        except UntranslatableResponse as e:
-            return untranslatable(str(e), OLLAMA)
-        if self.stream:
-            return 200, NDJSON, jsonLine(answer)
-        return 200, JSON_TYPE, json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        encode = (lambda a: (NDJSON, jsonLine(a))) if self.stream else asJSON
+        return translateWhole(code, body, OLLAMA, self._translate, encode)
 
     def _translate(self, answer: Any) -> dict:
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list) \
@@ -818,13 +810,7 @@ class EmbedWhole:
         """
         The client's status, content type and body.
         """
-        if not 200 <= code < 300:
-            return errorAnswer(code, body, OLLAMA)
-        try:
-            answer = self._translate(decodeJSON(body, "answer"))
-        except UntranslatableResponse as e:
-            return untranslatable(str(e), OLLAMA)
-        return 200, JSON_TYPE, json.dumps(answer).encode("utf-8")
+        return translateWhole(code, body, OLLAMA, self._translate, asJSON)
 
     def _vectors(self, answer: Any) -> list[list[float]]:
         data = answer.get("data") if isinstance(answer, dict) else None
