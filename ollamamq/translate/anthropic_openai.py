@@ -32,12 +32,12 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamamq.errors import ANTHROPIC, BadRequest, ProxyError, streamErrorLine
 from ollamamq.translate.common import (
+    OpenAIStreamReader,
     EVENT_STREAM,
     SSEReader,
     Translation,
     UntranslatableResponse,
     asJSON,
-    decodeJSON,
     sseEvent,
     translateWhole,
 )
@@ -402,7 +402,7 @@ class CountWhole:
         return translateWhole(code, body, ANTHROPIC, count, asJSON)
 
 
-class MessagesStream:
+class MessagesStream(OpenAIStreamReader):
     """
     An OpenAI chat completion stream as Anthropic Messages stream events, as the chunks
     arrive: text and reasoning deltas at once, tool call arguments as
@@ -447,29 +447,11 @@ class MessagesStream:
         return sseEvent({"type": "content_block_delta", "index": self._index, "delta": delta},
                         "content_block_delta")
 
-    def feed(self, data: bytes) -> bytes:
-        """
-        Translate the next bytes of the backend's stream.
-        """
-        if self._ended:
-            return b""
-        return b"".join(self._event(payload) for _, payload in self._reader.feed(data))
+    def _error(self, message: str) -> bytes:
+        return sseEvent({"type": "error", "error": {"type": "api_error", "message": message}},
+                        "error")
 
-    def _event(self, payload: str) -> bytes:
-        if self._ended:
-            return b""
-        if payload.strip() == "[DONE]":
-            return self._final()
-        chunk = decodeJSON(payload.encode("utf-8"), "stream event")
-        if not isinstance(chunk, dict):
-            raise UntranslatableResponse("a stream event is not a JSON object")
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            self._ended = True
-            return sseEvent({"type": "error", "error": {"type": "api_error",
-                                                        "message": str(message or "backend error")}},
-                            "error")
+    def _chunk(self, chunk: dict) -> bytes:
         out = b"" if self._started else self._start(chunk)
         if isinstance(chunk.get("usage"), dict):
             self._usage = chunk["usage"]

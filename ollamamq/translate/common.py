@@ -173,6 +173,51 @@ def decodeJSON(body: bytes, what: str) -> Any:
         raise UntranslatableResponse(f"the backend's {what} is not JSON") from None
 
 
+class OpenAIStreamReader:
+    """
+    What every translation of an OpenAI chat or completion SSE stream does before its own
+    mapping: read the events as the bytes arrive, end at C{[DONE]}, refuse what is not a
+    JSON object, and end with the client's error shape at an error event. Subclasses set
+    C{_reader} (an L{SSEReader}) and C{_ended}, and give C{_final}, C{_error} and
+    C{_chunk}.
+    """
+
+    _reader: SSEReader
+    _ended: bool
+
+    def feed(self, data: bytes) -> bytes:
+        """
+        Translate the next bytes of the backend's stream.
+        """
+        if self._ended:
+            return b""
+        return b"".join(self._event(payload) for _, payload in self._reader.feed(data))
+
+    def _event(self, payload: str) -> bytes:
+        if self._ended:
+            return b""
+        if payload.strip() == "[DONE]":
+            return self._final()
+        chunk = decodeJSON(payload.encode("utf-8"), "stream event")
+        if not isinstance(chunk, dict):
+            raise UntranslatableResponse("a stream event is not a JSON object")
+        if "error" in chunk:
+            self._ended = True
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            return self._error(str(message or "backend error"))
+        return self._chunk(chunk)
+
+    def _final(self) -> bytes:
+        raise NotImplementedError
+
+    def _error(self, message: str) -> bytes:
+        raise NotImplementedError
+
+    def _chunk(self, chunk: dict) -> bytes:
+        raise NotImplementedError
+
+
 class StreamTranslator(TypingProtocol):
     """
     Translates a streamed answer: bytes in as they come from the backend, bytes out in

@@ -48,12 +48,12 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamamq.errors import OLLAMA, BadRequest, ProxyError
 from ollamamq.translate.common import (
+    OpenAIStreamReader,
     NDJSON,
     SSEReader,
     Translation,
     UntranslatableResponse,
     asJSON,
-    decodeJSON,
     jsonLine,
     translateWhole,
 )
@@ -586,7 +586,7 @@ class _Stats:
         return result
 
 
-class OllamaStream:
+class OllamaStream(OpenAIStreamReader):
     """
     An OpenAI chat or completion SSE stream as Ollama NDJSON, line by line as the
     events arrive.
@@ -626,27 +626,10 @@ class OllamaStream:
         line.update(extra)
         return line
 
-    def feed(self, data: bytes) -> bytes:
-        """
-        Translate the next bytes of the backend's stream.
-        """
-        if self._ended:
-            return b""
-        return b"".join(self._event(payload) for _, payload in self._reader.feed(data))
+    def _error(self, message: str) -> bytes:
+        return jsonLine({"error": message})
 
-    def _event(self, payload: str) -> bytes:
-        if self._ended:
-            return b""
-        if payload.strip() == "[DONE]":
-            return self._final()
-        chunk = decodeJSON(payload.encode("utf-8"), "stream event")
-        if not isinstance(chunk, dict):
-            raise UntranslatableResponse("a stream event is not a JSON object")
-        if "error" in chunk:
-            self._ended = True
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            return jsonLine({"error": str(message or "backend error")})
+    def _chunk(self, chunk: dict) -> bytes:
         self._stats.saw(chunk)
         out = b""
         for choice in chunk.get("choices") or ():
